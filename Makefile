@@ -1,0 +1,58 @@
+# Every target sets up the environment it needs (idempotent: an existing environment is reused).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+VENV_LATEST ?= .venv-latest
+LIB := self_supervised_swav
+# a fingerprint of a folder's files, to check that a tool changed nothing
+fingerprint = find $(1) -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum
+
+.PHONY: help env env-latest export test test-nbs test-py test-latest demo docs clean
+
+help:
+	@echo "make demo         pretrain on the embedded default data (scikit-learn digits)"
+	@echo "make test         dev environment: export check, clean check, notebooks, pytest"
+	@echo "make test-latest  pytest against the newest fastai/fastcore (no nbdev)"
+
+$(VENV)/.installed: requirements-dev.txt settings.ini setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+$(VENV_LATEST)/.installed: requirements-latest.txt settings.ini setup.py
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/pip install -q --disable-pip-version-check --upgrade -r requirements-latest.txt
+	$(VENV_LATEST)/bin/pip install -q --disable-pip-version-check -e .
+	touch $@
+
+env: $(VENV)/.installed
+env-latest: $(VENV_LATEST)/.installed
+
+export: env
+	$(VENV)/bin/nbdev_export
+
+test: env
+	@echo "== nbdev_export must not change $(LIB)/"
+	@$(call fingerprint,$(LIB)) > /tmp/.swav_lib_before
+	$(VENV)/bin/nbdev_export
+	@$(call fingerprint,$(LIB)) | diff -u /tmp/.swav_lib_before - || { echo "nbdev_export changed $(LIB)/: run 'make export' and commit"; exit 1; }
+	@echo "== nbdev_clean must not change nbs/"
+	@$(call fingerprint,nbs) > /tmp/.swav_nbs_before
+	$(VENV)/bin/nbdev_clean
+	@$(call fingerprint,nbs) | diff -u /tmp/.swav_nbs_before - || { echo "notebooks were not clean: run nbdev_clean and commit"; exit 1; }
+	@echo "== notebooks"
+	$(VENV)/bin/nbdev_test --n_workers 2
+	@echo "== pytest"
+	$(VENV)/bin/python -m pytest tests -q
+
+test-latest: env-latest
+	$(VENV_LATEST)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
+	$(VENV_LATEST)/bin/python -m pytest tests -q
+
+demo: env
+	$(VENV)/bin/swav_pretrain
+
+clean:
+	rm -rf $(VENV) $(VENV_LATEST) build dist *.egg-info
