@@ -38,7 +38,9 @@ class KorniaTfm(Transform):
         _check_images(x)
         if self.rgb_only and x.shape[1] == 1: return self.aug(x.expand(-1, 3, -1, -1)).mean(1, keepdim=True)
         return self.aug(x)
-    def __repr__(self): return f"{type(self.aug).__name__}"
+    @property
+    def name(self) -> str: return type(self.aug).__name__
+    def __repr__(self): return f"KorniaTfm({self.aug!r})"
 
 # %% ../nbs/01_augmentations.ipynb #c009
 class BatchNormalize(Transform):
@@ -61,6 +63,8 @@ class BatchNormalize(Transform):
     def decodes(self, x: Tensor):
         m, s = self._stats(x)
         return x * s + m
+    @property
+    def name(self) -> str: return "BatchNormalize"
     def __repr__(self): return f"BatchNormalize(mean={self.mean.tolist()}, std={self.std.tolist()})"
 
 # %% ../nbs/01_augmentations.ipynb #c012

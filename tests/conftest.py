@@ -1,0 +1,22 @@
+"Shared fixtures: small real images (scikit-learn digits) and a tiny SwAV setup, fast on 2 CPU cores."
+import warnings
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from self_supervised_swav.data import digits_images
+    return digits_images(size=24)
+
+
+@pytest.fixture
+def tiny_dls(digits):
+    "160 train / 40 valid gray 24 px digits, batches of 32 (train batches: 5, no partial batch)"
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits
+    return image_tensor_dls(x[:200], y[:200], valid_pct=0.2, bs=32, device="cpu")

@@ -1,0 +1,417 @@
+"Properties of the SwAV pieces: Sinkhorn, codes and loss, the queue, prototypes, and the SWAV callback end to end."
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import Pipeline
+from fastai.learner import Learner
+
+import self_supervised_swav.swav as swav_mod
+from self_supervised_swav.layers import create_encoder, create_fastai_encoder
+from self_supervised_swav.swav import (SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp,
+                                        swav_codes, swav_loss)
+
+
+# ---------------------------------------------------------------- independent references (paper / official code)
+def ref_sinkhorn(out, eps, n_iters):
+    "The paper's Algorithm 1 / official `distributed_sinkhorn`, single process, float64"
+    Q = torch.exp(out.double() / eps).t()
+    K, B = Q.shape
+    Q /= Q.sum()
+    for _ in range(n_iters):
+        Q /= Q.sum(dim=1, keepdim=True); Q /= K
+        Q /= Q.sum(dim=0, keepdim=True); Q /= B
+    return (Q * B).t()
+
+
+def ref_loss(output, bs, crop_ids, n_crops, eps=0.05, temp=0.1, n_iters=3, queue_out=None):
+    "The loss loop of the official main_swav.py"
+    loss = 0
+    for i, crop_id in enumerate(crop_ids):
+        out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+        if queue_out is not None: out = torch.cat((queue_out[i], out))
+        q = ref_sinkhorn(out, eps, n_iters)[-bs:].float()
+        subloss = 0
+        for v in [v for v in range(n_crops) if v != crop_id]:
+            x = output[bs * v: bs * (v + 1)] / temp
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss += subloss / (n_crops - 1)
+    return loss / len(crop_ids)
+
+
+def cosine_scores(n, k, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1) @ F.normalize(torch.randn(k, d, generator=g), dim=1).T
+
+
+# ---------------------------------------------------------------- Sinkhorn
+@pytest.mark.parametrize("eps", [0.01, 0.03, 0.05, 0.1])
+@pytest.mark.parametrize("n_iters", [1, 3, 10])
+@pytest.mark.parametrize("B,K", [(1, 7), (64, 30), (200, 300)])
+def test_sinkhorn_matches_reference(eps, n_iters, B, K):
+    s = cosine_scores(B, K)
+    test = sinkhorn_knopp(s, eps=eps, n_iters=n_iters)
+    torch.testing.assert_close(test, ref_sinkhorn(s, eps, n_iters).float(), atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("B,K", [(1, 5), (64, 30), (512, 100)])
+def test_sinkhorn_constraints(B, K):
+    s = cosine_scores(B, K)
+    codes = sinkhorn_knopp(s, eps=0.05, n_iters=3)
+    assert (codes >= 0).all()
+    torch.testing.assert_close(codes.sum(1), torch.ones(B))                      # each sample: a distribution
+    converged = sinkhorn_knopp(s, eps=0.05, n_iters=200)
+    torch.testing.assert_close(converged.sum(0), torch.full((K,), B / K), rtol=1e-3, atol=1e-4)  # equal partition
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.01, 0.05, 0.1])
+def test_sinkhorn_low_precision_input(dtype, eps):
+    s = cosine_scores(256, 300)
+    codes = sinkhorn_knopp(s.to(dtype), eps=eps)
+    assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
+    torch.testing.assert_close(codes.sum(1), torch.ones(256))
+    torch.testing.assert_close(codes, ref_sinkhorn(s.to(dtype).float(), eps, 3).float(), atol=2e-5, rtol=1e-3)
+
+
+def test_sinkhorn_stable_where_plain_float32_overflows():
+    s = cosine_scores(128, 50)
+    s[0] = 1.0                                        # exp(1/0.01) = inf in float32
+    assert not torch.isfinite(torch.exp(s / 0.01)).all()
+    codes = sinkhorn_knopp(s, eps=0.01)
+    assert torch.isfinite(codes).all()
+    torch.testing.assert_close(codes, ref_sinkhorn(s, 0.01, 3).float(), atol=2e-5, rtol=1e-3)
+
+
+def test_sinkhorn_far_sample_keeps_a_code():
+    "A sample far from every prototype (its scores all underflow after the prototype shift) still gets a code"
+    s = torch.full((16, 8), 1.0)
+    s[3] = -1.0
+    codes = sinkhorn_knopp(s, eps=0.01)
+    torch.testing.assert_close(codes.sum(1), torch.ones(16))
+
+
+def test_sinkhorn_batched_equals_separate():
+    s = torch.stack([cosine_scores(40, 20, seed=i) for i in range(3)])
+    batched = sinkhorn_knopp(s)
+    for i in range(3): torch.testing.assert_close(batched[i], sinkhorn_knopp(s[i]))
+
+
+def test_sinkhorn_does_not_modify_input_and_needs_no_grad():
+    s = cosine_scores(32, 10).requires_grad_()
+    before = s.detach().clone()
+    codes = sinkhorn_knopp(s)
+    assert not codes.requires_grad
+    torch.testing.assert_close(s.detach(), before)
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(eps=0), "eps"), (dict(eps=-1), "eps"), (dict(n_iters=0), "n_iters"),
+                                    (dict(n_iters=1.5), "n_iters")])
+def test_sinkhorn_bad_args(kw, msg):
+    with pytest.raises(ValueError, match=msg): sinkhorn_knopp(cosine_scores(4, 3), **kw)
+    with pytest.raises(ValueError, match="scores"): sinkhorn_knopp(torch.zeros(3))
+
+
+# ---------------------------------------------------------------- codes and loss
+@pytest.mark.parametrize("n_crops,ids", [(8, [0, 1]), (8, [6, 7]), (8, [0, 3]), (2, [0, 1]), (3, [2]), (4, [0, 1, 2, 3])])
+@pytest.mark.parametrize("bs", [1, 16])
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_loss_matches_official(n_crops, ids, bs, with_queue):
+    output = cosine_scores(n_crops * bs, 30, seed=bs + n_crops).requires_grad_()
+    queue_out = cosine_scores(len(ids) * 48, 30, seed=99).view(len(ids), 48, 30) if with_queue else None
+    codes = swav_codes(output, bs, ids, eps=0.05, n_iters=3, queue_scores=queue_out)
+    assert codes.shape == (len(ids), bs, 30)
+    for i, c in enumerate(ids):                                   # codes only from the assignment crops
+        out = output[bs * c: bs * (c + 1)].detach()
+        if with_queue: out = torch.cat([queue_out[i], out])
+        torch.testing.assert_close(codes[i], ref_sinkhorn(out, 0.05, 3)[-bs:].float(), atol=2e-5, rtol=1e-3)
+    loss = swav_loss(output, codes, ids, temp=0.1)
+    ref = ref_loss(output, bs, ids, n_crops, queue_out=queue_out)
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-4)
+    g, = torch.autograd.grad(loss, output)
+    g_ref, = torch.autograd.grad(ref, output)
+    torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-3)
+
+
+def test_identical_views_lower_loss():
+    z = F.normalize(torch.randn(32, 16), dim=1)
+    protos = F.normalize(torch.randn(30, 16), dim=1)
+    same = (z @ protos.T).repeat(4, 1)
+    rand = F.normalize(torch.randn(4 * 32, 16), dim=1) @ protos.T
+    loss = lambda s: swav_loss(s, swav_codes(s, 32, [0, 1]), [0, 1]).item()
+    assert loss(same) < loss(rand) - 0.05
+
+
+# ---------------------------------------------------------------- the callback: helpers
+def tiny_model(n_in=1, n_protos=20):
+    enc = nn.Sequential(nn.Conv2d(n_in, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return create_swav_model(enc, hidden_size=32, projection_size=16, n_protos=n_protos)
+
+
+def tiny_pipes(num_crops=(2, 2), sizes=(16, 8)):
+    return get_swav_aug_pipelines(num_crops=list(num_crops), crop_sizes=list(sizes), min_scales=[0.3, 0.1],
+                                  max_scales=[1.0, 0.4], stats=None, jitter=False, bw=False, blur=False)
+
+
+class Spy(Callback):
+    "Records the embeddings of every training batch and what Sinkhorn gets"
+    order = 20
+    def __init__(self): self.embs, self.protos_norms = [], []
+    def after_pred(self):
+        if self.training: self.embs.append(self.learn.pred[0].detach().clone())
+        self.protos_norms.append(self.learn.model.prototypes.weight.detach().norm(dim=1).clone())
+
+
+def spy_codes(monkeypatch):
+    "Record (queue_scores, scores, bs, training) of every swav_codes call"
+    calls, orig = [], swav_mod.swav_codes
+    def wrapped(scores, bs, ids, eps, n_iters, queue_scores=None):
+        calls.append((None if queue_scores is None else queue_scores.clone(), scores.detach().clone(), bs))
+        return orig(scores, bs, ids, eps, n_iters, queue_scores)
+    monkeypatch.setattr(swav_mod, "swav_codes", wrapped)
+    return calls
+
+
+def make_learn(dls, cb, model=None, **kw):
+    return Learner(dls, model or tiny_model(), cbs=[cb], **kw)
+
+
+# ---------------------------------------------------------------- queue
+@pytest.mark.parametrize("ids", [[0, 1], [2, 3], [0, 3]])
+def test_queue_holds_last_embeddings_of_each_crop(tiny_dls, ids):
+    spy = Spy()
+    cb = SWAV(tiny_pipes(), crop_assgn_ids=ids, K=48, queue_start_pct=0.0)
+    learn = Learner(tiny_dls, tiny_model(), cbs=[cb, spy])
+    learn.fit(1)
+    bs, n_crops = 32, 4
+    assert learn.swav.queue.shape == (len(ids), 48, 16)
+    for i, c in enumerate(ids):
+        newest_first = torch.cat([e.view(n_crops, bs, -1)[c] for e in reversed(spy.embs)])
+        torch.testing.assert_close(learn.swav.queue[i], newest_first[:48])
+    assert learn.swav.queue_len == 48 and int(learn.model.queue_len) == 48
+
+
+def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
+    calls = spy_codes(monkeypatch)
+    cb = SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.4)   # 5 batches/epoch: fill from batch 2
+    learn = make_learn(tiny_dls, cb)
+    learn.fit(1)
+    train_calls = calls[:5]
+    # pct_train = 0, .2, .4, .6, .8: filling starts at batch 2 (pct .4); 64 = 2 batches: full after batch 3; used at 4
+    assert [c[0] is not None for c in train_calls] == [False, False, False, False, True]
+    assert learn.swav.queue_len == 64
+    for q, *_ in train_calls[4:5]: assert q.shape == (2, 64, 20)
+
+
+def test_no_sample_twice_in_sinkhorn(tiny_dls, monkeypatch):
+    calls = spy_codes(monkeypatch)
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
+    learn.fit(2)
+    used = [(q, s, bs) for q, s, bs in calls if q is not None]
+    assert used, "the queue was never used"
+    for q, s, bs in used:
+        batch = s.view(-1, bs, s.shape[-1])[[0, 1]]                  # [A, bs, K]
+        for a in range(2):
+            d = torch.cdist(batch[a].double(), q[a].double())        # a repeated sample has identical scores
+            assert d.min() > 1e-6
+            assert torch.cdist(q[a].double(), q[a].double()).add(torch.eye(len(q[a])).double()).min() > 1e-6
+
+
+def test_validation_does_not_touch_queue(tiny_dls):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
+    learn.fit(1)
+    queue, n, iters = learn.swav.queue.clone(), learn.swav.queue_len, int(learn.model.swav_iters)
+    learn.validate()
+    torch.testing.assert_close(learn.swav.queue, queue)
+    assert learn.swav.queue_len == n and int(learn.model.swav_iters) == iters
+
+
+def test_partial_last_batch_and_K_not_multiple_of_bs(digits):
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits
+    dls = image_tensor_dls(x[:100], y[:100], valid_pct=0.2, bs=32, device="cpu", drop_last=False)  # 80 = 32+32+16
+    spy = Spy()
+    learn = Learner(dls, tiny_model(), cbs=[SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=50, queue_start_pct=0.0), spy])
+    learn.fit(1)
+    assert [e.shape[0] // 4 for e in spy.embs] == [32, 32, 16]
+    newest_first = torch.cat([e.view(4, -1, 16)[0] for e in reversed(spy.embs)])
+    torch.testing.assert_close(learn.swav.queue[0], newest_first[:50])
+    assert math.isfinite(learn.recorder.losses[-1])
+
+
+def test_no_queue(tiny_dls, monkeypatch):
+    calls = spy_codes(monkeypatch)
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=None))
+    learn.fit(1)
+    assert all(q is None for q, *_ in calls) and learn.swav.queue is None
+
+
+def test_queue_saved_and_loaded(tiny_dls, tmp_path):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
+    learn.fit(1)
+    learn.save("ckpt")
+    fresh = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
+    fresh.load("ckpt")
+    torch.testing.assert_close(fresh.model.queue, learn.model.queue)
+    assert int(fresh.model.queue_len) == 64 and int(fresh.model.swav_iters) == 5
+
+
+def test_loaded_queue_of_other_shape_is_a_clear_error(tiny_dls, tmp_path):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
+    learn.fit(1)
+    learn.save("ckpt")
+    other = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=96, queue_start_pct=0.0), path=tmp_path)
+    other.load("ckpt")
+    with pytest.raises(ValueError, match="reset_queue"): other.fit(1)
+    other.swav.reset_queue()
+    assert other.model.queue.shape == (2, 96, 16) and int(other.model.queue_len) == 0
+
+
+# ---------------------------------------------------------------- prototypes
+def test_prototypes_unit_norm_and_frozen_then_moving(tiny_dls):
+    class Snap(Callback):
+        order = 20
+        def __init__(self): self.ws = []
+        def after_step(self): self.ws.append(self.learn.model.prototypes.weight.detach().clone())
+    spy, snap = Spy(), Snap()
+    learn = Learner(tiny_dls, tiny_model(), cbs=[SWAV(tiny_pipes(), [0, 1], K=None, freeze_protos_iters=3), spy, snap], lr=1e-2)
+    w0 = learn.model.prototypes.weight.detach().clone()
+    learn.fit(2)
+    for n in spy.protos_norms: torch.testing.assert_close(n, torch.ones_like(n))   # unit norm at every forward
+    for w in snap.ws[:3]: torch.testing.assert_close(w, w0, atol=1e-6, rtol=0)      # frozen for 3 iterations
+    assert (snap.ws[3] - w0).abs().max() > 1e-4                                     # moving afterwards
+    assert int(learn.model.swav_iters) == 10
+
+
+# ---------------------------------------------------------------- loss function swap
+def test_loss_func_restored_after_fit_and_cancel(tiny_dls):
+    class Stop(Callback):
+        def after_batch(self): raise CancelFitException()
+    learn = Learner(tiny_dls, tiny_model(), cbs=[SWAV(tiny_pipes(), [0, 1], K=None)])
+    orig = learn.loss_func
+    learn.fit(1, cbs=Stop())
+    assert learn.loss_func is orig
+    learn.fit(1)
+    assert learn.loss_func is orig
+
+
+def test_validation_loss_uses_the_swav_formula(tiny_dls):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn.fit(1)
+    valid_loss = learn.recorder.values[-1][1]
+    assert math.isfinite(valid_loss) and 0 < valid_loss < 2 * math.log(20) + 1
+
+
+# ---------------------------------------------------------------- end to end
+def test_pretraining_lowers_loss(digits):
+    from self_supervised_swav.data import image_tensor_dls
+    torch.manual_seed(0)
+    x, y = digits
+    dls = image_tensor_dls(x[:320], y[:320], bs=64, device="cpu")
+    model = create_swav_model(create_encoder("resnet10t", n_in=1, pretrained=False), hidden_size=64, projection_size=32, n_protos=30)
+    learn = Learner(dls, model, cbs=SWAV(tiny_pipes(sizes=(16, 8)), [0, 1], K=None, freeze_protos_iters=4), lr=3e-3)
+    learn.fit(4)
+    losses = [v[0] for v in learn.recorder.values]
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("arch,n_in", [("xresnet18", 1), ("resnet10t", 3)])
+def test_encoders_and_channels(digits, arch, n_in):
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits
+    if n_in == 3: x = x.expand(-1, 3, -1, -1)
+    dls = image_tensor_dls(x[:80], y[:80], bs=32, device="cpu")
+    enc = create_fastai_encoder(__import__("fastai.vision.models.xresnet", fromlist=[arch]).__dict__[arch], n_in=n_in, pretrained=False) \
+        if arch.startswith("x") else create_encoder(arch, n_in=n_in, pretrained=False)
+    pipes = get_swav_aug_pipelines(num_crops=[2, 2], crop_sizes=[24, 12], min_scales=[0.3, 0.1], max_scales=[1.0, 0.4],
+                                   stats=None if n_in == 1 else ([0.5] * 3, [0.25] * 3))   # full paper recipe on gray and RGB
+    learn = Learner(dls, create_swav_model(enc, hidden_size=64, projection_size=32, n_protos=20), cbs=SWAV(pipes, [0, 1], K=None))
+    learn.fit(1)
+    assert all(math.isfinite(float(l)) for l in learn.recorder.losses)
+
+
+def test_show_draws_images_and_crops(tiny_dls):
+    import matplotlib
+    matplotlib.use("Agg")
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    fig = learn.swav.show(n=3)
+    assert len(fig.axes) == 3 * 5
+    assert fig.axes[0].get_title() == "image" and fig.axes[1].get_title() == "crop 0"
+    shapes = [ax.get_images()[0].get_array().shape[:2] for ax in fig.axes[:5]]
+    assert shapes == [(24, 24), (16, 16), (16, 16), (8, 8), (8, 8)]
+
+
+def test_print_augs(tiny_dls, capsys):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None, print_augs=True))
+    learn.fit(1)
+    assert "RandomResizedCrop" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- user mistakes
+@pytest.mark.parametrize("kw,err,msg", [
+    (dict(crop_assgn_ids=[0, 4]), ValueError, "crop_assgn_ids"),
+    (dict(crop_assgn_ids=[-1]), ValueError, "crop_assgn_ids"),
+    (dict(crop_assgn_ids=[1, 1]), ValueError, "duplicated"),
+    (dict(crop_assgn_ids=[]), ValueError, "crop_assgn_ids"),
+    (dict(crop_assgn_ids=0), ValueError, "crop_assgn_ids"),
+    (dict(K=0), ValueError, "K must"),
+    (dict(K=-5), ValueError, "K must"),
+    (dict(K=10.5), ValueError, "K must"),
+    (dict(eps=0), ValueError, "eps must"),
+    (dict(temp=0), ValueError, "temp must"),
+    (dict(n_sinkh_iter=0), ValueError, "n_sinkh_iter"),
+    (dict(queue_start_pct=1.5), ValueError, "queue_start_pct"),
+    (dict(freeze_protos_iters=-1), ValueError, "freeze_protos_iters"),
+])
+def test_bad_settings(kw, err, msg):
+    args = dict(aug_pipelines=tiny_pipes(), crop_assgn_ids=[0, 1])
+    args.update(kw)
+    with pytest.raises(err, match=msg): SWAV(**args)
+
+
+@pytest.mark.parametrize("pipes,err,msg", [
+    ([], ValueError, "empty"),
+    (None, TypeError, "aug_pipelines"),
+    ("pipelines", TypeError, "aug_pipelines"),
+    ([lambda x: x, lambda x: x], TypeError, r"aug_pipelines\[0\]"),
+    ([Pipeline([]), Pipeline([])], ValueError, "split_idx"),
+])
+def test_bad_pipelines(pipes, err, msg):
+    with pytest.raises(err, match=msg): SWAV(pipes, crop_assgn_ids=[0])
+
+
+def test_single_crop_is_an_error():
+    with pytest.raises(ValueError, match="at least 2 crops"): SWAV(tiny_pipes()[:1], crop_assgn_ids=[0])
+
+
+def test_model_without_prototypes(tiny_dls):
+    learn = Learner(tiny_dls, nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 10)), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    with pytest.raises(TypeError, match="prototypes"): learn.fit(1)
+
+
+def test_K_larger_than_dataset(tiny_dls):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=1000))
+    with pytest.raises(ValueError, match="larger than the training set"): learn.fit(1)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(num_crops=[2], crop_sizes=[16, 8]), "one value per crop size"),
+    (dict(crop_sizes=[16, -8]), "crop_sizes"),
+    (dict(num_crops=[2, 0]), "num_crops"),
+    (dict(min_scales=[0.5, 0.3], max_scales=[0.4, 0.5]), "min_scales"),
+    (dict(min_scales=[0.0, 0.3]), "min_scales"),
+    (dict(recipe="byol"), "recipe"),
+])
+def test_bad_pipeline_settings(kw, msg):
+    args = dict(num_crops=[2, 2], crop_sizes=[16, 8], min_scales=[0.3, 0.1], max_scales=[1.0, 0.4])
+    args.update(kw)
+    with pytest.raises(ValueError, match=msg): get_swav_aug_pipelines(**args)
+
+
+def test_create_swav_model_bad_args():
+    enc = create_encoder("resnet10t", pretrained=False)
+    with pytest.raises(TypeError, match="create_encoder"): create_swav_model("resnet10t")
+    with pytest.raises(ValueError, match="n_protos"): create_swav_model(enc, n_protos=0)
