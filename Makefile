@@ -8,7 +8,7 @@ LIB := self_supervised_swav
 # a fingerprint of a folder's files, to check that a tool changed nothing
 fingerprint = find $(1) -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum
 
-.PHONY: help env env-latest export test test-nbs test-py test-latest demo docs clean
+.PHONY: help env env-latest export readme test test-latest demo clean
 
 help:
 	@echo "make demo         pretrain on the embedded default data (scikit-learn digits)"
@@ -33,15 +33,20 @@ env-latest: $(VENV_LATEST)/.installed
 export: env
 	$(VENV)/bin/nbdev_export
 
+readme:
+	$(PYTHON) .ci/nb2md.py
+
 test: env
 	@echo "== nbdev_export must not change $(LIB)/"
-	@$(call fingerprint,$(LIB)) > /tmp/.swav_lib_before
+	@$(call fingerprint,$(LIB)) > $(VENV)/.fp_lib
 	$(VENV)/bin/nbdev_export
-	@$(call fingerprint,$(LIB)) | diff -u /tmp/.swav_lib_before - || { echo "nbdev_export changed $(LIB)/: run 'make export' and commit"; exit 1; }
+	@$(call fingerprint,$(LIB)) | diff -u $(VENV)/.fp_lib - || { echo "nbdev_export changed $(LIB)/: run 'make export' and commit"; exit 1; }
 	@echo "== nbdev_clean must not change nbs/"
-	@$(call fingerprint,nbs) > /tmp/.swav_nbs_before
+	@$(call fingerprint,nbs) > $(VENV)/.fp_nbs
 	$(VENV)/bin/nbdev_clean
-	@$(call fingerprint,nbs) | diff -u /tmp/.swav_nbs_before - || { echo "notebooks were not clean: run nbdev_clean and commit"; exit 1; }
+	@$(call fingerprint,nbs) | diff -u $(VENV)/.fp_nbs - || { echo "notebooks were not clean: run nbdev_clean and commit"; exit 1; }
+	@echo "== README.md must match nbs/index.ipynb"
+	$(PYTHON) .ci/nb2md.py --check
 	@echo "== notebooks"
 	$(VENV)/bin/nbdev_test --n_workers 2
 	@echo "== pytest"

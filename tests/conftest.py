@@ -20,3 +20,10 @@ def tiny_dls(digits):
     from self_supervised_swav.data import image_tensor_dls
     x, y = digits
     return image_tensor_dls(x[:200], y[:200], valid_pct=0.2, bs=32, device="cpu")
+
+
+def pytest_configure(config):
+    "Third-party deprecation noise (torch.jit, pandas, numpy via fastai/matplotlib) hides real warnings"
+    for w in ("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning:torch.*"):
+        config.addinivalue_line("filterwarnings", w)
+    config.addinivalue_line("filterwarnings", "ignore:.*mode.chained_assignment.*")
