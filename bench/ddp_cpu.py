@@ -1,0 +1,150 @@
+"""Step time and peak memory of SwAV pretraining on CPU: 1 process against 2 gloo (DDP) processes.
+
+Every configuration runs the same training step (multi-crop augmentation, forward, Sinkhorn codes
+all-reduced over the processes, swapped-prediction loss, backward with DDP's gradient all-reduce, SGD step)
+on random images, in worker processes started from this one, and reports per process:
+
+* step time (median over the timed steps) and global throughput,
+* peak resident memory (`ru_maxrss`, which includes each process's own copy of torch/fastai: a few hundred MiB)
+  and its growth during the training steps. With `--start-method fork` the pages shared with the parent count in
+  every worker's RSS as well, so compare the growth column there.
+
+Configurations, measured in the same run (interleaved, `--repeats` times) so their ratios compare like with like:
+`1 proc` (batch B), `1 proc, 1 thread`, `2 procs, weak` (B per process: global 2B), `2 procs, strong` (B/2 per
+process: global B). By default a configuration uses all cores (threads per process = cores // processes). Workers start
+with *spawn* (each imports the library: not timed); *fork* starts faster but can hang when the parent already
+used OpenMP and workers use more than 1 thread.
+
+    python bench/ddp_cpu.py                # small config (a minute or two on 2 cores)
+    python bench/ddp_cpu.py --tiny         # a few seconds: what tests/test_distributed.py runs
+    python bench/ddp_cpu.py --arch resnet10t --size 32 --bs 32
+"""
+from __future__ import annotations
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from self_supervised_swav.layers import create_encoder
+from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines, swav_codes, swav_loss
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="conv", help="'conv' (a 3-layer CNN) or a timm/fastai name, e.g. resnet10t")
+    p.add_argument("--size", type=int, default=32, help="Large crop side in px (small crops are half)")
+    p.add_argument("--bs", type=int, default=32, help="Batch size B of the 1-process run (see the module docstring)")
+    p.add_argument("--n-protos", type=int, default=300, help="Number of prototypes")
+    p.add_argument("--queue", type=int, default=256, help="Queue length K per process (0: no queue)")
+    p.add_argument("--steps", type=int, default=20, help="Timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="Untimed steps first")
+    p.add_argument("--threads", type=int, default=0, help="Threads per process; 0: cores // processes")
+    p.add_argument("--repeats", type=int, default=2, help="Runs of every configuration, interleaved; the fastest is reported")
+    p.add_argument("--start-method", default="spawn", choices=["spawn", "fork", "forkserver"],
+                   help="fork starts faster but can hang with more than 1 thread per process (OpenMP after fork)")
+    p.add_argument("--timeout", type=float, default=600, help="Seconds before a configuration's workers are killed")
+    p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
+    a = p.parse_args(argv)
+    if a.tiny: a.size, a.bs, a.n_protos, a.queue, a.steps, a.warmup, a.repeats = 16, 8, 20, 8, 3, 1, 1
+    return a
+
+
+def _model(arch: str, n_protos: int) -> nn.Module:
+    if arch == "conv":
+        encoder = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
+                                nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    else: encoder = create_encoder(arch, pretrained=False, n_in=3)
+    return create_swav_model(encoder, hidden_size=128, projection_size=64, n_protos=n_protos, bn=False)
+
+
+def _rss_mib() -> float:
+    "Current resident set size in MiB"
+    with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _worker(rank: int, world: int, store: str, a: argparse.Namespace, bs: int, threads: int, out: str):
+    "One process: join the gloo group, train `a.warmup + a.steps` steps, write its figures as JSON"
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout))
+    try:
+        torch.manual_seed(0)
+        model = _model(a.arch, a.n_protos)
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        augs = get_swav_aug_pipelines(num_crops=[2, 4], crop_sizes=[a.size, a.size // 2], min_scales=[0.25, 0.05], max_scales=[1., 0.3])
+        torch.manual_seed(1 + rank)
+        images = torch.rand(4, bs, 3, a.size + a.size // 4, a.size + a.size // 4)   # a few batches, cycled
+        queue = torch.nn.functional.normalize(torch.randn(2, a.queue, model.prototypes.in_features), dim=-1) if a.queue else None
+        rss0, times = _rss_mib(), []
+        dist.barrier()
+        for i in range(a.warmup + a.steps):
+            t0 = time.perf_counter()
+            emb, scores = ddp([aug(images[i % len(images)]) for aug in augs])
+            qs = queue @ model.prototypes.weight.detach().t() if queue is not None else None
+            codes = swav_codes(scores, bs, [0, 1], queue_scores=qs)
+            if queue is not None: queue = torch.cat([emb.detach().view(-1, bs, emb.shape[-1])[:2], queue], dim=1)[:, :a.queue]
+            loss = swav_loss(scores, codes, [0, 1])
+            opt.zero_grad(); loss.backward(); opt.step()
+            if i >= a.warmup: times.append(time.perf_counter() - t0)
+        res = dict(rank=rank, step_ms=1e3 * statistics.median(times), loss=loss.item(),
+                   max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_growth_mib=_rss_mib() - rss0)
+        Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    finally: dist.destroy_process_group()
+
+
+def run_config(a: argparse.Namespace, nprocs: int, bs: int, label: str, threads: int = 0) -> dict:
+    "Run one configuration in `nprocs` fresh processes; the slowest rank's step time, the largest RSS"
+    threads = threads or a.threads or max(1, (os.cpu_count() or 1) // nprocs)
+    with tempfile.TemporaryDirectory() as d:
+        ctx = mp.start_processes(_worker, args=(nprocs, f"{d}/store", a, bs, threads, d), nprocs=nprocs,
+                                 join=False, start_method=a.start_method)
+        deadline = time.monotonic() + a.timeout
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive(): p.kill()
+                raise TimeoutError(f"{label}: workers did not finish in {a.timeout} s")
+        ranks = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(nprocs)]
+    step = max(r["step_ms"] for r in ranks)
+    return dict(label=label, nprocs=nprocs, threads=threads, bs=bs, global_bs=bs * nprocs, step_ms=step,
+                img_per_s=1e3 * bs * nprocs / step, max_rss_mib=max(r["max_rss_mib"] for r in ranks),
+                rss_growth_mib=max(r["rss_growth_mib"] for r in ranks), loss=ranks[0]["loss"])
+
+
+def report(a: argparse.Namespace, results: list[dict]):
+    print(f"SwAV DDP on CPU (gloo): arch={a.arch}, crops 2x{a.size}px + 4x{a.size // 2}px, n_protos={a.n_protos}, "
+          f"queue={a.queue}/process, median of {a.steps} steps after {a.warmup}, fastest of {a.repeats} runs, "
+          f"{os.cpu_count()} cores, start={a.start_method}")
+    print(f"{'config':<18}{'procs':>6}{'thr/proc':>9}{'bs/proc':>8}{'global bs':>10}{'step ms':>9}{'img/s':>8}"
+          f"{'max RSS/proc MiB':>18}{'RSS growth MiB':>16}")
+    for r in results:
+        print(f"{r['label']:<18}{r['nprocs']:>6}{r['threads']:>9}{r['bs']:>8}{r['global_bs']:>10}{r['step_ms']:>9.1f}"
+              f"{r['img_per_s']:>8.0f}{r['max_rss_mib']:>18.0f}{r['rss_growth_mib']:>16.1f}")
+    one = results[0]
+    for r in results[1:]:
+        print(f"ratio {r['label']} / {one['label']}: step time x{r['step_ms'] / one['step_ms']:.2f}, "
+              f"throughput x{r['img_per_s'] / one['img_per_s']:.2f}, max RSS/proc x{r['max_rss_mib'] / one['max_rss_mib']:.2f}")
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    configs = [(1, a.bs, "1 proc", 0), (1, a.bs, "1 proc, 1 thread", 1),
+               (2, a.bs, "2 procs, weak", 0), (2, max(1, a.bs // 2), "2 procs, strong", 0)]
+    runs = [[run_config(a, *c) for c in configs] for _ in range(a.repeats)]   # interleaved: load changes hit all alike
+    results = [min(rs, key=lambda r: r["step_ms"]) for rs in zip(*runs)]
+    report(a, results)
+    return results
+
+
+if __name__ == "__main__": main()
