@@ -1,0 +1,178 @@
+"""Augmentation throughput of the full multi-crop recipe: the project's kornia batch pipelines against per-image
+torchvision multi-crop, as the official SwAV code and lightly do it.
+
+Every contender turns the same uint8 images into all crops of the recipe (by default 2 large + 6 small, the official
+colour distortion, grayscale, blur, flip, normalisation) and hands back one float batch per crop:
+
+* `project`: `get_swav_aug_pipelines(...)`, each pipeline applied to the whole batch (`x.float() / 255` included),
+  on `--device`.
+* `official`: the official `MultiCropDataset` transform written plainly below (torchvision `RandomResizedCrop`,
+  flip, `RandomApply(ColorJitter)`, `RandomGrayscale`, PIL Gaussian blur, `ToTensor`, `Normalize`), image by image
+  from PIL images, then stacked into batches.
+* `lightly`: lightly's `SwaVTransform`, image by image (skipped with a message when lightly is not installed).
+
+Two settings (`--modes`): `1` one CPU thread and one process for every contender; `all`: the project with all cores
+as torch threads, the per-image contenders in a `DataLoader` with one worker per core (how they are used), the first
+batch of each worker dropped. Contenders are interleaved batch-round by batch-round; figures are medians over batches.
+
+    python bench/bench_augs.py                          # CPU config: 2x64 + 6x32 px crops from 96 px images, batch 32
+    python bench/bench_augs.py --config gpu --device cuda
+    python bench/bench_augs.py --tiny
+"""
+from __future__ import annotations
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import CONFIGS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available, lightly_transform, make_images, swav_augs, sync  # noqa: E402
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)   # as in the official main_swav.py
+
+
+# ---- the official recipe (facebookresearch/swav, src/multicropdataset.py), written plainly
+class PILRandomGaussianBlur:
+    "Blur a PIL image with probability `p`, radius uniform in [radius_min, radius_max] (official SwAV)"
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+    def __call__(self, img):
+        from PIL import ImageFilter
+        if torch.rand(()) >= self.p: return img
+        radius = self.radius_min + float(torch.rand(())) * (self.radius_max - self.radius_min)
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+def official_transform(a: argparse.Namespace):
+    "One image -> the list of all crops, as the official `MultiCropDataset.__getitem__`"
+    import torchvision.transforms as T
+    s = 1.0
+    color = T.Compose([T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)])
+    tfms = []
+    for n, size, lo, hi in zip(a.num_crops, a.crop_sizes, MIN_SCALES, MAX_SCALES):
+        tfms += [T.Compose([T.RandomResizedCrop(size, scale=(lo, hi)), T.RandomHorizontalFlip(p=0.5), color,
+                            PILRandomGaussianBlur(), T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])] * n
+    return lambda img: [t(img) for t in tfms]
+
+
+class _PerImage(torch.utils.data.Dataset):
+    "uint8 images -> PIL -> a per-image multi-crop transform (a list of crops)"
+    def __init__(self, images: Tensor, transform): self.images, self.transform = images, transform
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i].permute(1, 2, 0).numpy()))
+
+
+# ---- contenders
+class ProjectAugs:
+    name = "project"
+    def __init__(self, a, images: Tensor, threads: int):
+        self.a, self.images, self.threads, self.augs = a, images, threads, swav_augs(a)
+    def run(self, n: int) -> list[float]:
+        old = torch.get_num_threads(); torch.set_num_threads(self.threads)
+        try:
+            times = []
+            for i in range(n):
+                b = self.images[(i * self.a.bs) % len(self.images):][:self.a.bs]
+                sync(self.a.device); t = time.perf_counter()
+                x = b.to(self.a.device).float().div_(255)
+                crops = [aug(x) for aug in self.augs]
+                sync(self.a.device); times.append(time.perf_counter() - t)
+            assert len(crops) == sum(self.a.num_crops)
+            return times
+        finally: torch.set_num_threads(old)
+
+
+class PerImageAugs:
+    "A per-image multi-crop transform, in this process (`workers=0`) or in DataLoader workers"
+    def __init__(self, name: str, a, images: Tensor, transform, workers: int):
+        self.name, self.a, self.workers = name, a, workers
+        self.ds = _PerImage(images, transform)
+    def run(self, n: int) -> list[float]:
+        if self.workers == 0:
+            old = torch.get_num_threads(); torch.set_num_threads(1)
+            try:
+                times = []
+                for i in range(n):
+                    t = time.perf_counter()
+                    views = [self.ds[(i * self.a.bs + j) % len(self.ds)] for j in range(self.a.bs)]
+                    crops = [torch.stack(c) for c in zip(*views)]
+                    times.append(time.perf_counter() - t)
+                assert len(crops) == sum(self.a.num_crops)
+                return times
+            finally: torch.set_num_threads(old)
+        loader = torch.utils.data.DataLoader(self.ds, batch_size=self.a.bs, shuffle=True, num_workers=self.workers)
+        it, times = iter(loader), []
+        for _ in range(self.workers): next(it)   # each worker's first batch: start-up
+        t = time.perf_counter()
+        for _ in range(n):
+            next(it); now = time.perf_counter(); times.append(now - t); t = now
+        del it
+        return times
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="cpu", choices=list(CONFIGS), help="Crop sizes, batch and image side (bench_step.CONFIGS)")
+    p.add_argument("--device", default="cpu", help="Device of the project's pipelines: cpu or cuda")
+    p.add_argument("--bs", type=int, help="Images per batch; default from --config")
+    p.add_argument("--modes", default="1,all", help="1: one thread/process each; all: all cores (see the docstring)")
+    p.add_argument("--batches", type=int, default=4, help="Timed batches per round and contender")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds")
+    p.add_argument("--json", help="Also write the results to this JSON file")
+    p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
+    a = p.parse_args(argv)
+    cfg = dict(CONFIGS[a.config])
+    if a.tiny: cfg.update(bs=4, crop_sizes=(16, 8), img_size=20); a.batches, a.rounds, a.modes = 2, 1, "1"
+    for k, v in cfg.items():
+        if getattr(a, k, None) is None: setattr(a, k, v)
+    a.device = torch.device(a.device)
+    return a
+
+
+def main(argv=None) -> list[dict]:
+    a = parse_args(argv)
+    cores = os.cpu_count() or 1
+    images = make_images(a.bs * a.batches, a.img_size)
+    have_lightly = lightly_available()
+    if not have_lightly: print(LIGHTLY_MISSING)
+    rows = []
+    for mode in a.modes.split(","):
+        threads, workers = (1, 0) if mode == "1" else (cores, cores)
+        contenders = [ProjectAugs(a, images, threads), PerImageAugs("official", a, images, official_transform(a), workers)]
+        if have_lightly: contenders.append(PerImageAugs("lightly", a, images, lightly_transform(a), workers))
+        times = {c.name: [] for c in contenders}
+        for r in range(a.rounds):
+            for c in contenders: times[c.name] += c.run(a.batches)
+            print(f"  mode {mode}, round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.0f} ms"
+                  for k, v in times.items()), file=sys.stderr, flush=True)
+        for name, ts in times.items():
+            ms = 1e3 * statistics.median(ts)
+            rows.append(dict(mode=mode, contender=name, batch_ms=ms, img_per_s=1e3 * a.bs / ms))
+    report(a, rows)
+    if a.json:
+        with open(a.json, "w") as f: json.dump(dict(args={k: str(v) for k, v in vars(a).items()}, rows=rows), f, indent=1)
+    return rows
+
+
+def report(a, rows: list[dict]):
+    crops = " + ".join(f"{n}x{s}" for n, s in zip(a.num_crops, a.crop_sizes))
+    print(f"Multi-crop augmentation ({crops} px crops from {a.img_size} px images, batch {a.bs}), project on {a.device}, "
+          f"{os.cpu_count()} cores: median of {a.batches} batches x {a.rounds} interleaved rounds")
+    print("| mode | contender | ms per batch | source images/s | project speed-up |\n|---|---|---|---|---|")
+    for r in rows:
+        proj = next(x for x in rows if x["mode"] == r["mode"] and x["contender"] == "project")
+        print(f"| {r['mode']} | {r['contender']} | {r['batch_ms']:.0f} | {r['img_per_s']:.0f} | "
+              f"{proj['img_per_s'] / r['img_per_s']:.2f} |")
+
+
+if __name__ == "__main__": main()
