@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_swav.ipynb #c003
 from __future__ import annotations
+import warnings
 from typing import Sequence
 
 import torch
@@ -44,8 +45,11 @@ class SwAVModel(nn.Module):
         self.register_buffer("queue", torch.zeros(0, 0, prototypes.in_features))
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
         self.register_buffer("swav_iters", torch.zeros((), dtype=torch.long))
+        # under DDP, every rank's queue, gathered at the end of each epoch so that rank 0's checkpoint restores them all
+        self.register_buffer("rank_queues", torch.zeros(0, 0, 0, prototypes.in_features))
+        self.register_buffer("rank_queue_lens", torch.zeros(0, dtype=torch.long))
         # each rank keeps its own queue (official code): DDP must not broadcast it from rank 0
-        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_len"]
+        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_len", "rank_queues", "rank_queue_lens"]
 
     def forward(self, crops: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         "(L2-normalised embeddings, prototype scores) of all crops, stacked crop after crop"
@@ -55,10 +59,11 @@ class SwAVModel(nn.Module):
         return z, self.prototypes(z)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        "Accept a checkpoint's queue whatever its shape: the `SWAV` callback checks it against its settings"
-        q = state_dict.get(prefix + "queue")
-        if q is not None and q.shape != self.queue.shape:
-            self.queue = torch.zeros(q.shape, dtype=self.queue.dtype, device=self.queue.device)
+        "Accept a checkpoint's queues whatever their shape: the `SWAV` callback checks them against its settings"
+        for name in ("queue", "rank_queues", "rank_queue_lens"):
+            t, mine = state_dict.get(prefix + name), getattr(self, name)
+            if t is not None and t.shape != mine.shape:
+                setattr(self, name, torch.zeros(t.shape, dtype=mine.dtype, device=mine.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/02_swav.ipynb #c010
@@ -110,6 +115,10 @@ def get_swav_aug_pipelines(
 # %% ../nbs/02_swav.ipynb #c019
 def _dist_on() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+def _float32(t: Tensor):
+    "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
 def _all_reduce(t: Tensor, op=None) -> Tensor:
     "All-reduce `t` in place when torch.distributed runs several processes"
     if _dist_on(): dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
@@ -125,7 +134,11 @@ def sinkhorn_knopp(
     if scores.ndim not in (2, 3): raise ValueError(f"scores must be [B, K] or [A, B, K], got shape {tuple(scores.shape)}")
     if not eps > 0: raise ValueError(f"eps must be positive, got {eps}")
     if not (isinstance(n_iters, int) and n_iters >= 1): raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
-    s = scores.float() if scores.ndim == 3 else scores.float()[None]      # [A, B, K]
+    with _float32(scores): return _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_iters)[
+        slice(None) if scores.ndim == 3 else 0]
+
+def _sinkhorn(s: Tensor, eps: float, n_iters: int) -> Tensor:
+    "Sinkhorn-Knopp on float32 scores `[A, B, K]`, outside autocast"
     n_protos = s.shape[2]
     n_samples = _all_reduce(torch.full((), s.shape[1], dtype=torch.float32, device=s.device))
     proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if _dist_on() else None)  # [A, 1, K]
@@ -136,8 +149,7 @@ def sinkhorn_knopp(
     for _ in range(n_iters):
         u = _all_reduce(torch.bmm(v.transpose(1, 2), q)).mul_(n_protos).reciprocal_()  # prototypes: total 1/K
         v = torch.bmm(q, u.transpose(1, 2)).mul_(n_samples).reciprocal_()              # samples: total 1/B
-    q.mul_(u).mul_(v * n_samples)                                        # rows are assignments: sum to 1
-    return q if scores.ndim == 3 else q[0]
+    return q.mul_(u).mul_(v * n_samples)                                 # rows are assignments: sum to 1
 
 # %% ../nbs/02_swav.ipynb #c025
 @torch.no_grad()
@@ -163,13 +175,14 @@ def swav_loss(
     "Swapped prediction loss: mean over assignment crops of the mean over other crops of CE(code, softmax(scores/temp))"
     n_assign, bs, n_protos = codes.shape
     n_crops = scores.shape[0] // bs
-    log_p = F.log_softmax(scores.float().view(n_crops, bs * 0 + bs, n_protos) / temp, dim=-1)
-    ce = -(codes.reshape(n_assign, -1) @ log_p.reshape(n_crops, -1).T) / bs      # [A, n_crops]
+    with _float32(scores):
+        log_p = F.log_softmax(scores.float().view(n_crops, bs, n_protos) / temp, dim=-1)
+        ce = -(codes.float().reshape(n_assign, -1) @ log_p.reshape(n_crops, -1).T) / bs   # [A, n_crops]
     others = torch.ones_like(ce, dtype=torch.bool)
     others[torch.arange(n_assign), torch.as_tensor(list(crop_assgn_ids))] = False
     return (ce * others).sum(1).div(n_crops - 1).mean()
 
-# %% ../nbs/02_swav.ipynb #c031
+# %% ../nbs/02_swav.ipynb #c033
 def _check_positive(name: str, v, integer: bool = False, minimum=None):
     "`ValueError` naming `name` unless `v` is a positive number (int if `integer`, >= `minimum` if given)"
     ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -188,7 +201,7 @@ def _check_crop_assgn_ids(crop_assgn_ids, n_crops: int) -> list[int]:
     if len(set(ids)) != len(ids): raise ValueError(f"crop_assgn_ids={ids} has duplicated ids.")
     return ids
 
-# %% ../nbs/02_swav.ipynb #c032
+# %% ../nbs/02_swav.ipynb #c034
 class SWAV(Callback):
     "SwAV self-supervised pretraining: multi-crop views, Sinkhorn codes, swapped prediction and a queue"
     order, run_valid = 9, True   # before MixedPrecision (10): crops made in fp32, prototype grads cancelled before its step
@@ -239,6 +252,8 @@ class SWAV(Callback):
         if self.print_augs: print(*self.augs, sep="\n")
         if self.learn.loss_func != self._swav_loss: self._old_loss_func = self.learn.loss_func
         self.learn.loss_func = self._swav_loss
+    def after_epoch(self):
+        if self.K is not None and _dist_on(): self._gather_rank_queues()
     def after_cancel_fit(self): self._restore_loss_func()
     def after_fit(self): self._restore_loss_func()
 
@@ -272,7 +287,26 @@ class SWAV(Callback):
                                  f"SWAV(K={self.K}, crop_assgn_ids={self.crop_assgn_ids}) needs {expected}: pass the K and "
                                  "crop_assgn_ids of that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
             self.reset_queue()
+        if _dist_on() and self.K is not None: self._take_rank_queue()
         self._queue_len, self._iters = int(m.queue_len), int(m.swav_iters)
+
+    def _take_rank_queue(self):
+        "Under DDP: this rank's own queue from `rank_queues` (a checkpoint); never a queue shared by all ranks"
+        m, world, rank = self.swav_model, dist.get_world_size(), dist.get_rank()
+        if m.rank_queues.shape[0] == world and m.rank_queues.shape[1:] == m.queue.shape:
+            m.queue.copy_(m.rank_queues[rank]); m.queue_len.copy_(m.rank_queue_lens[rank])
+        elif int(m.queue_len) > 0:
+            warnings.warn(f"The model's queue does not come from {world} processes (a checkpoint of another run?): every "
+                          "rank would start with the same queue, so it is emptied and refilled.")
+            self.reset_queue()
+
+    @torch.no_grad()
+    def _gather_rank_queues(self):
+        "Every rank's queue into `rank_queues` on every rank, so that rank 0's checkpoint holds them all"
+        m, world = self.swav_model, dist.get_world_size()
+        queues, lens = [torch.empty_like(m.queue) for _ in range(world)], [torch.empty_like(m.queue_len) for _ in range(world)]
+        dist.all_gather(queues, m.queue.contiguous()); dist.all_gather(lens, m.queue_len.contiguous())
+        m.rank_queues, m.rank_queue_lens = torch.stack(queues), torch.stack(lens)
 
     def _check_K(self):
         n = len(self.dls.train.dataset) // (dist.get_world_size() if _dist_on() else 1)
@@ -322,6 +356,12 @@ class SWAV(Callback):
         self._queue_len = min(self.K, self._queue_len + bs)
         m.queue_len.fill_(self._queue_len)
 
+    @torch.no_grad()
+    def _queue_scores(self) -> Tensor:
+        "Scores of the queued embeddings against the current prototypes, in float32"
+        m = self.swav_model
+        with _float32(m.queue): return m.queue.float() @ m.prototypes.weight.detach().float().t()
+
     def _swav_loss(self, pred, *yb) -> Tensor:
         "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training"
         embedding, scores = _unpack_pred(pred)
@@ -329,7 +369,7 @@ class SWAV(Callback):
         if scores.shape[0] % n_crops: raise ValueError(f"The model returned {scores.shape[0]} rows, not a multiple of the {n_crops} crops.")
         bs = scores.shape[0] // n_crops
         m = self.swav_model
-        queue_scores = m.queue @ m.prototypes.weight.detach().t() if self._queue_in_use() else None
+        queue_scores = self._queue_scores() if self._queue_in_use() else None
         codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
         if self._queue_filling(): self._enqueue(embedding, bs)
         return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
