@@ -131,10 +131,11 @@ def report(a: argparse.Namespace, results: list[dict]):
     for r in results:
         print(f"{r['label']:<18}{r['nprocs']:>6}{r['threads']:>9}{r['bs']:>8}{r['global_bs']:>10}{r['step_ms']:>9.1f}"
               f"{r['img_per_s']:>8.0f}{r['max_rss_mib']:>18.0f}{r['rss_growth_mib']:>16.1f}")
-    one = results[0]
-    for r in results[1:]:
-        print(f"ratio {r['label']} / {one['label']}: step time x{r['step_ms'] / one['step_ms']:.2f}, "
-              f"throughput x{r['img_per_s'] / one['img_per_s']:.2f}, max RSS/proc x{r['max_rss_mib'] / one['max_rss_mib']:.2f}")
+    for one in [r for r in results if r["nprocs"] == 1]:
+        for r in [r for r in results if r["nprocs"] > 1]:
+            print(f"ratio {r['label']} / {one['label']}: step time x{r['step_ms'] / one['step_ms']:.2f}, "
+                  f"throughput x{r['img_per_s'] / one['img_per_s']:.2f}, max RSS/proc x{r['max_rss_mib'] / one['max_rss_mib']:.2f}, "
+                  f"RSS growth/proc x{r['rss_growth_mib'] / max(one['rss_growth_mib'], 1e-9):.2f}")
 
 
 def main(argv=None) -> list[dict]:
