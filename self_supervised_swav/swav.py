@@ -320,6 +320,8 @@ class SWAV(Callback):
         w = m.prototypes.weight
         m.queue = torch.zeros(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features, device=w.device)
         m.queue_len.zero_()
+        if hasattr(m, "rank_queues"):   # a checkpoint's per-rank queues too
+            m.rank_queues, m.rank_queue_lens = m.rank_queues.new_zeros(0, 0, 0, m.prototypes.in_features), m.rank_queue_lens.new_zeros(0)
         self._queue_len = 0
 
     def _restore_loss_func(self):

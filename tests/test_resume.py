@@ -225,8 +225,6 @@ def test_ddp_resume_gives_each_rank_its_queue(digits, tmp_path):
         assert torch.equal(r["queue0"], r["own"]), f"rank {rank} did not resume with its own queue"
         assert r["queue_len0"] == 12
 
-@pytest.mark.xfail(strict=True, reason="SWAV._take_rank_queue copies the checkpoint's rank_queues back over a queue that "
-                   "reset_queue() just emptied; fix: reset_queue also empties rank_queues and rank_queue_lens")
 def test_ddp_reset_queue_after_load(digits, tmp_path):
     "learn.swav.reset_queue() after learn.load in a 2-process run starts every rank with an empty queue"
     for r in run_gloo(_ddp_resume_worker, tmp_path, *digits, None, True): assert r["queue_len0"] == 0
