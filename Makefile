@@ -4,16 +4,19 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 VENV_LATEST ?= .venv-latest
+VENV_DOCS ?= .venv-docs
 LIB := self_supervised_swav
 # a fingerprint of a folder's files, to check that a tool changed nothing
 fingerprint = find $(1) -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum
 
-.PHONY: help env env-latest export readme test test-latest demo clean
+.PHONY: help env env-latest export readme test test-latest demo clean docs docs-check
 
 help:
 	@echo "make demo         pretrain on the embedded default data (scikit-learn digits)"
 	@echo "make test         dev environment: export check, clean check, notebooks, pytest"
 	@echo "make test-latest  pytest against the newest fastai/fastcore (no nbdev)"
+	@echo "make docs         build the documentation site from the notebooks into docs/site/"
+	@echo "make docs-check   build it, then open every page in headless Chromium and check it"
 
 $(VENV)/.installed: requirements-dev.txt settings.ini setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -61,3 +64,19 @@ demo: env
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) build dist *.egg-info
+
+# documentation site: the notebooks run in $(VENV); mkdocs-material lives in $(VENV_DOCS)
+$(VENV_DOCS)/.installed: requirements-docs.txt
+	test -x $(VENV_DOCS)/bin/python || $(PYTHON) -m venv $(VENV_DOCS)
+	$(VENV_DOCS)/bin/pip install -q --disable-pip-version-check -r requirements-docs.txt
+	$(VENV_DOCS)/bin/pip install -q --disable-pip-version-check --no-deps jupyter-server-mathjax==0.2.6
+	touch $@
+
+docs: env $(VENV_DOCS)/.installed
+	$(VENV)/bin/python docs/build.py --mathjax "$$($(VENV_DOCS)/bin/python -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("jupyter_server_mathjax").origin), "static"))')"
+	NO_MKDOCS_2_WARNING=1 $(VENV_DOCS)/bin/mkdocs build -q -f docs/_build/mkdocs.yml
+	@echo "docs: open docs/site/index.html"
+
+docs-check: docs
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(PYTHON) docs/check_site.py
