@@ -6,7 +6,7 @@ checked:
 
 - the page has its title and, for a module, a heading with an anchor for every name in the module's `__all__`
   (the `show_doc` entry: signature, parameter comments, docstring);
-- every image of the notebook's outputs is on the page and is served as a real PNG;
+- every image of the notebook's outputs is on the page and is served as a real PNG (a tutorial has at least one);
 - every internal link resolves to a page of the site, and its `#anchor` to an element of that page;
 - nothing is loaded from another host (the site works offline), no traceback is on the page, and where the
   page has math, MathJax has typeset it.
@@ -109,6 +109,7 @@ def check_page(rel: str, info: dict, site: Path, base: str, exe: str) -> list[st
         expected |= defs
         errs += [f"`{n}` (in __all__) not on the page" for n in names if n not in defs and n not in text]
     errs += [f"no API entry (heading id) for `{n}`" for n in sorted(expected - p.ids)]
+    if rel.startswith("tutorials/") and not info["images"]: errs.append("a tutorial without a plot")
     if len(p.imgs) != info["images"]: errs.append(f"{len(p.imgs)} images on the page, the notebook has {info['images']}")
     for src in p.imgs:
         try:
