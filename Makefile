@@ -74,7 +74,7 @@ $(VENV_DOCS)/.installed: requirements-docs.txt
 
 docs: env $(VENV_DOCS)/.installed
 	$(VENV)/bin/python docs/build.py --mathjax "$$($(VENV_DOCS)/bin/python -c 'import importlib.util as u, os; print(os.path.join(os.path.dirname(u.find_spec("jupyter_server_mathjax").origin), "static"))')"
-	NO_MKDOCS_2_WARNING=1 $(VENV_DOCS)/bin/mkdocs build -q -f docs/_build/mkdocs.yml
+	NO_MKDOCS_2_WARNING=1 $(VENV_DOCS)/bin/mkdocs build -f docs/_build/mkdocs.yml
 	@echo "docs: open docs/site/index.html"
 
 docs-check: docs

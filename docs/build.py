@@ -79,6 +79,10 @@ def _text(x) -> str: return "".join(x) if isinstance(x, list) else (x or "")
 
 def _strip_ansi(s: str) -> str: return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", s)
 
+# fastprogress's console bars (the shell running the notebooks is not a notebook front end): keep the table only
+_re_bar = re.compile(r"█|(?:Epoch \d+/\d+ :\s*)?\|[█-]*\|\s*[\d.]+% \[[^\]]*\]|Epoch \d+/\d+ :\s+")
+def _strip_bars(s: str) -> str: return "\n".join(_re_bar.sub("", l).rstrip() for l in s.replace("\r", "").split("\n"))
+
 def _code_block(src: str, lang: str = "python") -> str:
     fence = "````" if "```" in src else "```"
     return f"{fence}{lang}\n{src.rstrip()}\n{fence}"
@@ -137,7 +141,7 @@ class Renderer:
             if d.get("output:", [""])[0].lower() == "false": continue
             for o in c.get("outputs", []):
                 if o["output_type"] == "stream":
-                    txt = _strip_ansi(_text(o["text"]))
+                    txt = _strip_bars(_strip_ansi(_text(o["text"])))
                     if o["name"] == "stderr" and "Warning" in txt: continue  # library warnings are noise on a page
                     if txt.strip(): out.append(_code_block(txt, "text"))
                     continue
