@@ -127,7 +127,7 @@ def check_page(rel: str, info: dict, site: Path, base: str, exe: str) -> list[st
     errs += [f"loads from another host: {e}" for e in p.external]
     if "Traceback (most recent call last)" in text: errs.append("a traceback is on the page")
     if p.math and not p.typeset: errs.append(f"{p.math} math elements were not typeset by MathJax")
-    return errs
+    return list(dict.fromkeys(errs))   # each problem once
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -156,7 +156,7 @@ def main():
                  urljoin(base, shot))
         if not args.screenshot.is_file() or args.screenshot.stat().st_size < 20_000:
             print(f"FAIL screenshot of {shot}: {args.screenshot} missing or blank"); failed.append("screenshot")
-        else: print(f"ok   screenshot of {shot}: {args.screenshot.relative_to(ROOT)}")
+        else: print(f"ok   screenshot of {shot}: {args.screenshot}")
     finally: srv.shutdown()
     n = len(manifest) + 1
     print(f"docs-check: {n - len(failed)} passed, {len(failed)} failed")
