@@ -27,12 +27,14 @@ import statistics
 import sys
 import time
 import warnings
+from functools import partial
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import CONFIGS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available, lightly_transform, make_images, swav_augs, sync  # noqa: E402
+from bench_step import (CONFIGS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available, lightly_transform,  # noqa: E402
+                        flat, make_crops_grouped, make_images, paired_ratio, swav_augs, sync)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -74,9 +76,11 @@ class _PerImage(torch.utils.data.Dataset):
 
 # ---- contenders
 class ProjectAugs:
-    name = "project"
-    def __init__(self, a, images: Tensor, threads: int):
+    "The project's pipelines on whole batches: one call per crop (`SWAV._make_crops`), or grouped (`--optimized`)"
+    def __init__(self, a, images: Tensor, threads: int, grouped: bool = False):
         self.a, self.images, self.threads, self.augs = a, images, threads, swav_augs(a)
+        self.name = "project+opt" if grouped else "project"
+        self.make_crops = partial(make_crops_grouped, self) if grouped else lambda x: [aug(x) for aug in self.augs]
     def run(self, n: int) -> list[float]:
         old = torch.get_num_threads(); torch.set_num_threads(self.threads)
         try:
@@ -85,7 +89,7 @@ class ProjectAugs:
                 b = self.images[(i * self.a.bs) % len(self.images):][:self.a.bs]
                 sync(self.a.device); t = time.perf_counter()
                 x = b.to(self.a.device).float().div_(255)
-                crops = [aug(x) for aug in self.augs]
+                crops = self.make_crops(x)
                 sync(self.a.device); times.append(time.perf_counter() - t)
             assert len(crops) == sum(self.a.num_crops)
             return times
@@ -126,8 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="Device of the project's pipelines: cpu or cuda")
     p.add_argument("--bs", type=int, help="Images per batch; default from --config")
     p.add_argument("--modes", default="1,all", help="1: one thread/process each; all: all cores (see the docstring)")
-    p.add_argument("--batches", type=int, default=4, help="Timed batches per round and contender")
-    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds")
+    p.add_argument("--batches", type=int, default=3, help="Timed batches per round and contender")
+    p.add_argument("--rounds", type=int, default=6, help="Interleaved rounds (the order of the contenders rotates)")
+    p.add_argument("--optimized", action="store_true", help="Add `project+opt`: identical pipelines grouped into one "
+                   "call on the repeated batch (`bench_step.make_crops_grouped`, recommended in BENCHMARKS.md)")
     p.add_argument("--json", help="Also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
     a = p.parse_args(argv)
@@ -142,22 +148,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     cores = os.cpu_count() or 1
-    images = make_images(a.bs * a.batches, a.img_size)
+    images = make_images(a.bs * (a.batches + cores), a.img_size)   # enough for the workers' dropped first batches
     have_lightly = lightly_available()
     if not have_lightly: print(LIGHTLY_MISSING)
     rows = []
     for mode in a.modes.split(","):
         threads, workers = (1, 0) if mode == "1" else (cores, cores)
         contenders = [ProjectAugs(a, images, threads), PerImageAugs("official", a, images, official_transform(a), workers)]
+        if a.optimized: contenders.insert(1, ProjectAugs(a, images, threads, grouped=True))
         if have_lightly: contenders.append(PerImageAugs("lightly", a, images, lightly_transform(a), workers))
         times = {c.name: [] for c in contenders}
         for r in range(a.rounds):
-            for c in contenders: times[c.name] += c.run(a.batches)
-            print(f"  mode {mode}, round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.0f} ms"
+            for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:   # order rotates
+                times[c.name].append(c.run(a.batches))
+            print(f"  mode {mode}, round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v[-1]):.0f} ms"
                   for k, v in times.items()), file=sys.stderr, flush=True)
-        for name, ts in times.items():
-            ms = 1e3 * statistics.median(ts)
-            rows.append(dict(mode=mode, contender=name, batch_ms=ms, img_per_s=1e3 * a.bs / ms))
+        for name, rounds in times.items():
+            ms = 1e3 * statistics.median(flat(rounds))
+            rows.append(dict(mode=mode, contender=name, batch_ms=ms, img_per_s=1e3 * a.bs / ms,
+                             speedup=paired_ratio(rounds, times["project"])))
     report(a, rows)
     if a.json:
         with open(a.json, "w") as f: json.dump(dict(args={k: str(v) for k, v in vars(a).items()}, rows=rows), f, indent=1)
@@ -168,11 +177,10 @@ def report(a, rows: list[dict]):
     crops = " + ".join(f"{n}x{s}" for n, s in zip(a.num_crops, a.crop_sizes))
     print(f"Multi-crop augmentation ({crops} px crops from {a.img_size} px images, batch {a.bs}), project on {a.device}, "
           f"{os.cpu_count()} cores: median of {a.batches} batches x {a.rounds} interleaved rounds")
-    print("| mode | contender | ms per batch | source images/s | project speed-up |\n|---|---|---|---|---|")
+    print("time / project's: median over rounds of (this contender's time / the project's) within the round; > 1: project faster")
+    print("| mode | contender | ms per batch | source images/s | time / project's |\n|---|---|---|---|---|")
     for r in rows:
-        proj = next(x for x in rows if x["mode"] == r["mode"] and x["contender"] == "project")
-        print(f"| {r['mode']} | {r['contender']} | {r['batch_ms']:.0f} | {r['img_per_s']:.0f} | "
-              f"{proj['img_per_s'] / r['img_per_s']:.2f} |")
+        print(f"| {r['mode']} | {r['contender']} | {r['batch_ms']:.0f} | {r['img_per_s']:.0f} | {r['speedup']:.2f} |")
 
 
 if __name__ == "__main__": main()

@@ -84,22 +84,34 @@ def scores_for(n: int, n_protos: int, device: torch.device, seed: int = 0) -> Te
     return (z @ w.t()).to(device)
 
 
-# ---- a candidate improvement, measured here before it goes into the notebook
+# ---- the recommended changes, measured here before they go into the notebook
 @torch.no_grad()
-def sinkhorn_recommended(scores: Tensor, eps: float = EPS, n_iters: int = N_ITERS) -> Tensor:
-    "`sinkhorn_knopp` (no distributed all-reduce) with the changes recommended in BENCHMARKS.md"
-    s = scores if scores.ndim == 3 else scores[None]                      # [A, B, K], any float dtype
+def sinkhorn_recommended(scores: Tensor, eps: float = EPS, n_iters: int = N_ITERS, keep_last: int | None = None) -> Tensor:
+    """`sinkhorn_knopp` (less the distributed all-reduces) with the changes recommended in BENCHMARKS.md:
+    `(s - proto_max) / eps` in one pass (`torch.add` with `alpha`) instead of two, and with `keep_last`, only the last
+    `keep_last` samples scaled at the end (the batch after its queue, in `swav_codes`), not the queue's rows as well.
+    (Fusing the float32 cast into that pass as well, `torch.add(float32, bf16)`, measured slower: CPU mixed-dtype loops.)"""
+    s = scores.float() if scores.ndim == 3 else scores.float()[None]      # [A, B, K]
     n_samples, n_protos = s.shape[1], s.shape[2]
-    proto_max = s.amax(dim=1, keepdim=True).float()                       # [A, 1, K]
-    q = torch.sub(s, proto_max).div_(eps)                                 # float32 (type promotion): no .float() copy
+    proto_max = s.amax(dim=1, keepdim=True)                               # [A, 1, K]
+    q = torch.add(proto_max.div_(-eps), s, alpha=1 / eps)                 # (s - max) / eps: one pass, fresh buffer
     sample_max = q.amax(dim=2, keepdim=True)
     q.sub_(sample_max).exp_()
     v = sample_max.exp_()
     for _ in range(n_iters):
         u = torch.bmm(v.transpose(1, 2), q).mul_(n_protos).reciprocal_()
         v = torch.bmm(q, u.transpose(1, 2)).mul_(n_samples).reciprocal_()
-    q.mul_(u).mul_(v.mul_(n_samples))
+    if keep_last is not None: q, v = q[:, -keep_last:], v[:, -keep_last:]
+    q = q.mul(u) if keep_last is not None else q.mul_(u)
+    q.mul_(v.mul_(n_samples))
     return q if scores.ndim == 3 else q[0]
+
+
+def codes_recommended(scores: Tensor, bs: int, crop_assgn_ids, queue_scores: Tensor | None = None) -> Tensor:
+    "`swav_codes` with the recommended changes: rows picked without an index tensor, only the batch's codes scaled"
+    out = torch.stack([scores.detach().view(-1, bs, scores.shape[-1])[i] for i in crop_assgn_ids])
+    if queue_scores is None: return sinkhorn_recommended(out)
+    return sinkhorn_recommended(torch.cat([queue_scores.to(out.dtype), out], dim=1), keep_last=bs)
 
 
 def _time(fn, device: torch.device) -> float:
@@ -140,7 +152,7 @@ def main(argv=None) -> list[dict]:
                 if queue:
                     fns = dict(project=lambda: swav_codes(s, bs, [0, 1], EPS, N_ITERS, qs),
                                official=lambda: official_codes(s, qs, bs))
-                    if a.optimized: fns["project+opt"] = lambda: sinkhorn_recommended(torch.cat([qs, s.view(2, bs, -1)], 1))[:, -bs:]
+                    if a.optimized: fns["project+opt"] = lambda: codes_recommended(s, bs, [0, 1], qs)
                     ref = lambda: official_codes(s.double(), qs.double(), bs)
                 else:
                     fns = dict(project=lambda: sinkhorn_knopp(s, EPS, N_ITERS), official=lambda: official_sinkhorn(s))

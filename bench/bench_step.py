@@ -341,16 +341,22 @@ CLASSES = dict(project=Project, lightly=Lightly, floor=Floor)
 
 
 # ---- the recommended changes (see BENCHMARKS.md), applied by monkeypatching the installed library
+_PATCHED = []
+
+
 @contextlib.contextmanager
 def apply_recommended(learn=None):
-    "Patch `self_supervised_swav.swav` with the changes recommended in BENCHMARKS.md while the block runs"
+    "Patch `self_supervised_swav.swav` with the changes recommended in BENCHMARKS.md while the block runs (re-entrant)"
+    if _PATCHED: yield; return
     from self_supervised_swav import swav as S
     patches = {(S.SWAV, "_make_crops"): make_crops_grouped, (S.SWAV, "_enqueue"): enqueue_no_index,
                (S, "swav_codes"): swav_codes_no_index, (S, "swav_loss"): swav_loss_no_index}
     saved = {k: getattr(*k) for k in patches}
     for (o, name), f in patches.items(): setattr(o, name, f)
+    _PATCHED.append(True)
     try: yield
     finally:
+        _PATCHED.pop()
         for (o, name), f in saved.items(): setattr(o, name, f)
 
 
@@ -389,22 +395,30 @@ def enqueue_no_index(self, embedding: Tensor, bs: int):
     m.queue_len.fill_(self._queue_len)
 
 
-def _same_pipeline(p, q) -> bool:
-    "Two pipelines with the same transforms and settings (kornia modules print their parameters), per-sample random"
-    key = lambda pipe: [repr(getattr(t, "aug", t)) for t in pipe.fs]
-    return key(p) == key(q) and "same_on_batch=True" not in " ".join(key(p))
+def pipeline_key(p) -> tuple | None:
+    "Pipelines with equal keys draw crops from one distribution; None: this pipeline cannot serve several crops per call"
+    from self_supervised_swav.augmentations import BatchNormalize, KorniaTfm
+    for t in p.fs:   # kornia draws per-sample parameters unless same_on_batch; other transforms may draw per call
+        if not isinstance(t, (KorniaTfm, BatchNormalize)) or getattr(getattr(t, "aug", None), "same_on_batch", False): return None
+    return tuple((type(t).__name__, repr(t), getattr(t, "rgb_only", None)) for t in p.fs)   # kornia reprs hold the parameters
+
+
+def pipeline_groups(augs) -> list[tuple[int, int]]:
+    "(start, end) ranges of consecutive pipelines with the same (not None) key"
+    keys, groups, start = [pipeline_key(p) for p in augs], [], 0
+    for i in range(1, len(augs) + 1):
+        if i == len(augs) or keys[i] is None or keys[i] != keys[start]:
+            groups.append((start, i)); start = i
+    return groups
 
 
 def make_crops_grouped(self, x: Tensor) -> list[Tensor]:
-    "Recommended `SWAV._make_crops`: consecutive identical pipelines run once on the batch repeated, then split"
+    "Recommended `SWAV._make_crops`: one call per group of identical pipelines, on the batch repeated, then split"
     x = x.as_subclass(Tensor) if isinstance(x, Tensor) else x
-    crops, i = [], 0
-    while i < len(self.augs):
-        j = i + 1
-        while j < len(self.augs) and _same_pipeline(self.augs[i], self.augs[j]): j += 1
-        if j - i == 1: crops.append(self.augs[i](x))
-        else: crops += list(self.augs[i](x.repeat(j - i, 1, 1, 1)).chunk(j - i))
-        i = j
+    if getattr(self, "_aug_groups", None) is None: self._aug_groups = pipeline_groups(self.augs)   # SWAV.__init__ in the library
+    crops = []
+    for s, e in self._aug_groups:
+        crops += [self.augs[s](x)] if e - s == 1 else list(self.augs[s](x.repeat(e - s, 1, 1, 1)).chunk(e - s))
     return crops
 
 
@@ -506,8 +520,9 @@ def bench_memory(a: argparse.Namespace, argv: list[str]) -> list[dict]:
 
 
 def report_memory(a: argparse.Namespace, rows: list[dict]):
-    print(f"Peak memory of the step (queue on, each contender alone in a fresh process): {describe(a)}")
-    print("| contender | RSS after imports MiB | after setup MiB | max RSS MiB | growth in steps MiB | max worker RSS MiB |"
+    print(f"Peak memory of the step (queue on, each contender alone in a fresh process, {a.warmup} + {a.steps} steps): "
+          + describe(a).split("; median")[0])
+    print("| contender | RSS with torch imported MiB | after setup MiB | max RSS MiB | growth in steps MiB | max worker RSS MiB |"
           + (" CUDA peak MiB |" if a.device.type == "cuda" else ""))
     print("|---|---|---|---|---|---|" + ("---|" if a.device.type == "cuda" else ""))
     for r in rows:
@@ -540,7 +555,7 @@ def _phase_hooks(wrap):
 
 
 def phase_times(c: "Project", a: argparse.Namespace) -> dict[str, float]:
-    "Median ms per step of each phase, timed with perf_counter (no profiler overhead), and of the whole step"
+    "Share of the step (%) of each phase, timed with perf_counter (no profiler overhead): median over rounds"
     acc = {}
     def wrap(label, f):
         def g(*args, **kwargs):
@@ -548,26 +563,56 @@ def phase_times(c: "Project", a: argparse.Namespace) -> dict[str, float]:
             try: return f(*args, **kwargs)
             finally: sync(a.device); acc[label] = acc.get(label, 0.) + time.perf_counter() - t
         return g
-    per_step, whole = {label: [] for *_, label in PHASES}, []
+    shares, whole = {label: [] for *_, label in PHASES}, []
     with _phase_hooks(wrap):
         for _ in range(a.rounds):
-            for t in c.run(a.warmup + a.steps)[a.warmup:]: whole.append(t)
-            # per-round totals over all steps of the round, warm-up included: averaged per step
-            for label in per_step: per_step[label].append(acc.pop(label, 0.) / (a.warmup + a.steps))
-    res = {label: 1e3 * statistics.median(v) for label, v in per_step.items()}
-    res["whole step"] = median_ms(whole)
-    return res
+            ts = c.run(a.warmup + a.steps)
+            whole += ts[a.warmup:]
+            for label in shares: shares[label].append(100 * acc.pop(label, 0.) / sum(ts))
+    res = {label: statistics.median(v) for label, v in shares.items()}
+    res["rest: data, fastai, callbacks"] = 100 - sum(res.values())
+    return res, median_ms(whole)
+
+
+def count_syncs(c: "Project", a: argparse.Namespace) -> float:
+    "Synchronising CUDA calls per step (`torch.cuda.set_sync_debug_mode`), each phase's count printed too"
+    counts = {}
+    def wrap(label, f):
+        def g(*args, **kwargs):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                try: return f(*args, **kwargs)
+                finally: counts[label] = counts.get(label, 0) + sum("synchroniz" in str(x.message) for x in w)
+        return g
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with _phase_hooks(wrap), warnings.catch_warnings(record=True) as rest:
+            warnings.simplefilter("always")
+            c.run(a.warmup + a.steps)
+        counts["outside these phases (data, fastai)"] = sum("synchroniz" in str(x.message) for x in rest)
+    finally: torch.cuda.set_sync_debug_mode("default")
+    n = a.warmup + a.steps
+    print("| phase | syncs per step |\n|---|---|")
+    for label, k in counts.items(): print(f"| {label} | {k / n:.1f} |")
+    return sum(counts.values()) / n
 
 
 def profile_project(a: argparse.Namespace, rows: int = 25):
     "The project's step (queue on): phase times without profiler, then torch.profiler operator tables"
-    from torch.profiler import ProfilerActivity, profile, record_function
     images = make_images(n_images(a), a.img_size, a.seed)
     c = Project(a, images, a.queue, optimized=a.optimized)
     print(f"Project step, queue {a.queue}{', optimized' if a.optimized else ''}: {describe(a)}")
-    phases = phase_times(c, a)
-    print("| phase | ms per step | % of step |\n|---|---|---|")
-    for label, ms in phases.items(): print(f"| {label} | {ms:.0f} | {100 * ms / phases['whole step']:.1f} |")
+    with apply_recommended() if a.optimized else contextlib.nullcontext():   # outside the phase hooks: they wrap it
+        _profile(c, a, rows)
+
+
+def _profile(c: "Project", a: argparse.Namespace, rows: int):
+    from torch.profiler import ProfilerActivity, profile, record_function
+    shares, step_ms = phase_times(c, a)
+    print(f"Phases (timed without profiler; % of the round's time, median over rounds; step {step_ms:.0f} ms):")
+    print("| phase | % of step | ms per step |\n|---|---|---|")
+    for label, pct in shares.items(): print(f"| {label} | {pct:.1f} | {pct * step_ms / 100:.0f} |")
+    if a.device.type == "cuda": print(f"\nHost-device syncs per step: {count_syncs(c, a):.0f}")
     def labelled(label, f):
         def g(*args, **kwargs):
             with record_function("phase: " + label): return f(*args, **kwargs)
