@@ -12,16 +12,18 @@ Sinkhorn codes, the swapped-prediction loss, backward and the optimiser step. Th
 * `floor`: the project's model forward (encoder, projector, prototypes) and backward on crops made beforehand, with a
   cross-entropy to fixed random labels, and the optimiser step: what any SwAV implementation pays at least.
 
-Each contender runs `--warmup + --steps` steps per round; rounds are interleaved (`project, lightly, floor, project,
-...`) so that load from other processes hits all alike, and each figure is the median over all rounds' timed steps.
-Step time is the time between the ends of consecutive steps, so it includes waiting for the next batch.
-Ratios (`project/lightly` throughput, `project/floor` step time) are only meaningful within one run.
+Each contender runs `--warmup + --steps` steps per round; rounds are interleaved, the order of the contenders rotating
+each round, so that load from other processes hits all alike. Step times are medians over all rounds' timed steps;
+ratios (`project/lightly` throughput, `project/floor` step time) are medians over rounds of the ratio within a round,
+so that load drifting between rounds cancels, and are only meaningful within one run. Step time is the time between
+the ends of consecutive steps, so it includes waiting for the next batch. With `--optimized`, `project+opt` is the
+project with the changes recommended in BENCHMARKS.md, monkeypatched (`apply_recommended`).
 
     python bench/bench_step.py                        # CPU config: 2x64 + 6x32 px crops, batch 32, queue on and off
     python bench/bench_step.py --config gpu --device cuda   # 2x224 + 6x96 px, batch 256
     python bench/bench_step.py --memory               # peak memory: each contender alone in a fresh process
-    python bench/bench_step.py --profile              # torch.profiler table of the project's step
-    python bench/bench_step.py --tiny                 # a few seconds: what tests/test_bench.py runs
+    python bench/bench_step.py --profile              # phase times, torch.profiler tables (and syncs on cuda)
+    python bench/bench_step.py --tiny                 # seconds (plus imports): what tests/test_bench.py runs
 """
 from __future__ import annotations
 import argparse

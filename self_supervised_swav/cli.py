@@ -113,7 +113,7 @@ def embedded_dls(
     "`DataLoaders` over scikit-learn's digits at `size` px, with their labels"
     x, y = digits_images(size=size, n_channels=1 if gray else 3)
     if max_images is not None: x, y = x[:max_images], y[:max_images]
-    return image_tensor_dls(x, y, valid_pct=valid_pct, bs=bs, seed=seed)
+    return image_tensor_dls(x, y, valid_pct=valid_pct, bs=bs, seed=seed, num_workers=0)   # in memory: no worker processes
 
 # %% ../nbs/06_cli.ipynb #c018
 def _positive(name: str, v, kind=int):
@@ -139,6 +139,7 @@ def check_settings(s: SimpleNamespace):
     if not 0 <= s.queue_start_pct <= 1: raise UsageError(f"--queue_start_pct must be in [0, 1], got {s.queue_start_pct}")
     if not 0 < s.valid_pct < 1: raise UsageError(f"--valid_pct must be in (0, 1), got {s.valid_pct}")
     if s.max_images is not None: _positive("max_images", s.max_images)
+    if s.workers is not None and (not isinstance(s.workers, int) or s.workers < 0): raise UsageError(f"--workers must be an int >= 0, got {s.workers!r}")
     if s.fp16 and not torch.cuda.is_available(): raise UsageError("--fp16 needs a CUDA GPU, and none is available")
     try: get_swav_aug_pipelines(num_crops=list(s.num_crops), crop_sizes=list(s.crop_sizes), min_scales=list(s.min_scales),
                                 max_scales=list(s.max_scales), recipe=s.recipe)
@@ -166,7 +167,7 @@ def _load_data(s: SimpleNamespace) -> tuple[DataLoaders, bool, str]:
                          f"short side): pass smaller --crop_sizes, or remove the small images")
     labels = folder_labels(s.path, files)
     size = s.size or max(s.crop_sizes)
-    dls = folder_dls(s.path, files, labels, size, s.bs, s.valid_pct, s.seed, gray=s.gray)
+    dls = folder_dls(s.path, files, labels, size, s.bs, s.valid_pct, s.seed, gray=s.gray, num_workers=s.workers)
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return dls, labels is not None, f"folder {str(s.path)!r}, {what}, resized to {size} px"
 
@@ -274,6 +275,7 @@ def swav_pretrain(
     gray: store_true = False,       # Convert folder images to one channel instead of RGB
     rgb: store_true = False,        # Use the embedded digits as 3-channel images
     max_images: int = None,         # Use only the first max_images images (quick tries)
+    workers: int = None,            # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
     output: str = "swav_output",    # Folder for encoder.pth and swav_pretrain.json
     seed: int = 42,                 # Random seed (split, initialisation, augmentations)
     fp16: store_true = False,       # Mixed precision training (needs a CUDA GPU)

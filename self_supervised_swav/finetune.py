@@ -5,6 +5,7 @@
 # %% ../nbs/03_finetune.ipynb #c003
 from __future__ import annotations
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from fastai.callback.training import BnFreeze
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import get_model
+import fastai.callback.schedule  # Learner.fine_tune and fit_one_cycle on the learners built here
 
 from .evaluation import extract_features
 from .layers import create_model, encoder_head_splitter
@@ -79,12 +81,17 @@ def state_dict_mismatch(
 def load_encoder(
     encoder: nn.Module,           # A freshly built encoder of the architecture that was saved
     path: str | os.PathLike,      # A file from `save_encoder`, a `learn.save` checkpoint, or a state_dict
+    weights_only: bool = True,    # torch.load's safe mode; False also reads `learn.save(with_opt=True)` files (trusted files only)
 ) -> nn.Module:
     "Load the weights in `path` into `encoder` after checking that the architecture matches; returns `encoder`"
     if not isinstance(encoder, nn.Module): raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"No encoder weights at {path}")
-    state, meta = _encoder_state(torch.load(path, map_location="cpu", weights_only=True))
+    try: ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than weights (a learn.save checkpoint with its optimizer state?): pass "
+                         "weights_only=False if you trust the file, or save it with learn.save(..., with_opt=False).") from e
+    state, meta = _encoder_state(ckpt)
     problem = state_dict_mismatch(encoder, state)
     if problem:
         saved = ", ".join(f"{k}={v}" for k, v in meta.items()) or "unknown"

@@ -1,0 +1,146 @@
+"""SwAV on Fashion-MNIST under a fixed CPU budget: kNN top-1 and linear-probe top-1 on the 10k test images for
+(a) the SwAV-pretrained encoder, (b) the same encoder randomly initialised, (c) raw pixels.
+
+Data: Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`), the four idx .gz files in
+/usr/share/datasets/fashion-mnist/. Pretraining uses the 60k training images without their labels; labels are
+used only by the evaluations (and by the kNN monitor, on 6k training images).
+
+    .venv/bin/python bench/fashion_mnist.py                  # the configuration reported in BENCHMARKS.md
+    .venv/bin/python bench/fashion_mnist.py --n_train 10000 --epochs 2 --out /tmp/fm.json   # a quick look
+"""
+from __future__ import annotations
+import argparse, gzip, json, math, os, platform, time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.learner import Learner
+from fastai.torch_core import set_seed
+import fastai.callback.progress  # progress bars and the epoch table
+import fastai.callback.schedule  # fit_one_cycle
+
+from self_supervised_swav.data import image_tensor_dls
+from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy,
+                                             linear_probe_accuracy, pipeline_normalization)
+from self_supervised_swav.layers import create_encoder
+from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
+
+DATA = Path("/usr/share/datasets/fashion-mnist")
+STATS = ([0.2860], [0.3530])   # Fashion-MNIST training mean and std
+
+
+def read_idx(path: Path) -> np.ndarray:
+    "An idx file (gzip) as a numpy array"
+    with gzip.open(path, "rb") as f: data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root: Path = DATA):
+    "(x_train [60000, 1, 28, 28] float in [0, 1], y_train, x_test, y_test)"
+    if not root.is_dir():
+        raise SystemExit(f"{root} not found: apt-get update && apt-get install -y dataset-fashion-mnist")
+    def images(name): return torch.from_numpy(read_idx(root / name).copy()).float().div_(255).unsqueeze(1)
+    def labels(name): return torch.from_numpy(read_idx(root / name).astype(np.int64))
+    return (images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
+            images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+
+
+def evaluate(name: str, train_feats, y_train, test_feats, y_test, args) -> dict:
+    "kNN top-1 (k=20, T=0.07, cosine) and linear-probe top-1 on precomputed features"
+    t = time.time()
+    knn = features_knn_accuracy(F.normalize(train_feats, dim=1), y_train, F.normalize(test_feats, dim=1), y_test, k=20, temp=0.07)
+    probe = linear_probe_accuracy(train_feats, y_train, test_feats, y_test, epochs=args.probe_epochs, seed=args.seed)
+    print(f"{name:<22} kNN top-1 {knn:.4f}   linear probe top-1 {probe:.4f}   ({time.time() - t:.0f}s)", flush=True)
+    return dict(knn_top1=round(knn, 4), linear_probe_top1=round(probe, 4))
+
+
+def encoder_features(encoder, x, y, tfm, bs=512):
+    "Unnormalised features of all images, in order"
+    dl = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+    return extract_features(encoder, dl, tfm=tfm, normalize=False)[0]
+
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    x_train, y_train, x_test, y_test = load_fashion_mnist()
+    x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+    results = dict(command="python bench/fashion_mnist.py " + " ".join(args.argv), settings=vars(args) | dict(argv=None),
+                   machine=dict(cpu_threads=torch.get_num_threads(), cpus=os.cpu_count(), platform=platform.platform(),
+                                torch=torch.__version__))
+    results["settings"].pop("argv")
+
+    set_seed(args.seed)
+    augs = get_swav_aug_pipelines(num_crops=args.num_crops, crop_sizes=args.crop_sizes, min_scales=args.min_scales,
+                                  max_scales=args.max_scales, stats=STATS, jitter_s=args.jitter_s, blur=False)
+    tfm = pipeline_normalization(augs)
+    encoder = create_encoder(args.arch, pretrained=False, n_in=1)
+
+    if not args.skip_baselines:
+        print("== evaluation of the baselines", flush=True)
+        results["raw_pixels"] = evaluate("(c) raw pixels", x_train.flatten(1), y_train, x_test.flatten(1), y_test, args)
+        results["random_encoder"] = evaluate("(b) random encoder", encoder_features(encoder, x_train, y_train, tfm), y_train,
+                                             encoder_features(encoder, x_test, y_test, tfm), y_test, args)
+
+    print(f"== SwAV pretraining: {args.arch}, {args.epochs} epochs on {len(x_train)} unlabelled images", flush=True)
+    # labels are not used by SwAV: the pretraining DataLoaders get zeros (fastai needs a target to compute a loss)
+    dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device="cpu")
+    mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device="cpu")
+    model = create_swav_model(encoder, hidden_size=args.hidden_size, projection_size=args.projection_size, n_protos=args.n_protos)
+    swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
+                eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
+    learn = Learner(dls, model, cbs=[swav, KNNMonitor(mon.train, mon.valid), PrototypeUsageMonitor()], wd=args.wd)
+    t = time.time()
+    learn.fit_one_cycle(args.epochs, args.lr)
+    results["pretraining_seconds"] = round(time.time() - t)
+    results["pretraining_log"] = [dict(zip(learn.recorder.metric_names[1:-1], map(lambda v: None if v is None else round(float(v), 4), vals)))
+                                  for vals in learn.recorder.values]
+    print(f"pretraining took {results['pretraining_seconds']}s", flush=True)
+
+    print("== evaluation of the pretrained encoder", flush=True)
+    results["pretrained_encoder"] = evaluate("(a) SwAV-pretrained", encoder_features(encoder, x_train, y_train, tfm), y_train,
+                                             encoder_features(encoder, x_test, y_test, tfm), y_test, args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return results
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet10t")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--wd", type=float, default=1e-2)
+    p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
+    p.add_argument("--crop_sizes", type=int, nargs="+", default=[28, 14])
+    p.add_argument("--min_scales", type=float, nargs="+", default=[0.3, 0.1])
+    p.add_argument("--max_scales", type=float, nargs="+", default=[1.0, 0.4])
+    p.add_argument("--jitter_s", type=float, default=0.5)
+    p.add_argument("--n_protos", type=int, default=100)
+    p.add_argument("--hidden_size", type=int, default=512)
+    p.add_argument("--projection_size", type=int, default=128)
+    p.add_argument("--K", type=int, default=0, help="queue length; 0: no queue")
+    p.add_argument("--queue_start_pct", type=float, default=0.25)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--temp", type=float, default=0.1)
+    p.add_argument("--freeze_protos_iters", type=int, default=100)
+    p.add_argument("--n_train", type=int, default=60000)
+    p.add_argument("--probe_epochs", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
+    p.add_argument("--out", default="bench/fashion_mnist.json")
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    args.argv = argv
+    return args
+
+
+if __name__ == "__main__":
+    main(parse())

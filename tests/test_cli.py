@@ -1,0 +1,141 @@
+"swav_pretrain end to end on the embedded digits and on folders, and its one-line errors for each bad input."
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from self_supervised_swav.cli import UsageError, swav_pretrain
+from self_supervised_swav.finetune import load_encoder
+from self_supervised_swav.layers import create_encoder
+
+TINY = dict(size=16, crop_sizes=[16, 8], epochs=1, n_protos=20)   # a few seconds on 2 CPU cores
+SCRIPT = shutil.which("swav_pretrain", path=str(Path(sys.executable).parent))
+
+
+def make_folder(root: Path, classes=("a", "b"), n=12, sizes=((24, 20), (30, 30)), broken=None) -> Path:
+    "Images of mixed modes (RGB, L) and sizes, in one sub-folder per class (or flat with classes=None)"
+    g = torch.Generator().manual_seed(0)
+    for c in classes or [None]:
+        d = root / c if c else root
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w, h = sizes[i % len(sizes)]
+            arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+            im = Image.fromarray(arr)
+            (im.convert("L") if i % 3 == 0 else im).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    return swav_pretrain(max_images=240, bs=48, output=str(out), **TINY), out
+
+
+def test_embedded_default_end_to_end(digits_run):
+    res, out = digits_run
+    assert sorted(os.listdir(out)) == ["encoder.pth", "swav_pretrain.json"]
+    saved = json.loads((out / "swav_pretrain.json").read_text())
+    assert saved["data"] == dict(description="scikit-learn digits (embedded), 10 classes, 16 px", n_train=192, n_valid=48, n_in=1, labelled=True)
+    assert saved["settings"]["arch"] == "resnet10t" and saved["settings"]["crop_sizes"] == [16, 8]
+    assert 0.1 < saved["knn_top1_random"] <= 1 and 0.1 < saved["knn_top1_pretrained"] <= 1
+    assert [e["epoch"] for e in saved["epochs"]] == [0]
+    assert {"train_loss", "valid_loss", "knn_top1", "protos_used", "assign_entropy"} <= set(saved["epochs"][0])
+    assert saved["freeze_protos_iters"] == 4                            # one epoch of 192 / 48
+    load_encoder(create_encoder("resnet10t", pretrained=False, n_in=1), out / "encoder.pth")
+    assert res["knn_top1_pretrained"] == saved["knn_top1_pretrained"]
+
+
+def test_labelled_folder_end_to_end(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), valid_pct=0.25, workers=0, **TINY)
+    assert res["data"]["labelled"] and res["data"]["n_in"] == 3 and res["data"]["n_train"] == 18
+    assert res["knn_top1_random"] is not None and res["knn_top1_pretrained"] is not None
+    load_encoder(create_encoder("resnet10t", pretrained=False, n_in=3), tmp_path / "out" / "encoder.pth")
+
+
+def test_unlabelled_gray_folder_end_to_end(tmp_path):
+    root = make_folder(tmp_path / "imgs", classes=None)
+    res = swav_pretrain(path=str(root), bs=4, gray=True, output=str(tmp_path / "out"), workers=1, **TINY)   # one worker process
+    assert not res["data"]["labelled"] and res["data"]["n_in"] == 1
+    assert res["knn_top1_random"] is None and res["knn_top1_pretrained"] is None
+    assert "knn_top1" not in res["epochs"][0] and res["epochs"][0]["train_loss"] > 0
+
+
+def bad_inputs(root: Path) -> list:
+    "(arguments, message) for each mistake the issue lists, and a few more"
+    (root / "empty").mkdir(parents=True)
+    make_folder(root / "broken", classes=None, n=3)
+    (root / "broken" / "3.jpg").write_bytes(b"this is not a jpeg")
+    make_folder(root / "small", classes=None, n=3, sizes=((10, 40),))
+    make_folder(root / "truncated", classes=None, n=4, sizes=((40, 40),))
+    png = (root / "truncated" / "3.png").read_bytes()
+    (root / "truncated" / "3.png").write_bytes(png[:len(png) // 3])
+    return [
+        (["--path", str(root / "missing")], "does not exist"),
+        (["--path", str(root / "empty")], "no images in"),
+        (["--path", str(root / "broken")], "cannot read image"),
+        (["--path", str(root / "truncated"), "--bs", "2", "--crop_sizes", "16", "8"], "cannot read image"),
+        (["--path", str(root / "small")], "crop size 32 px is larger than the smallest image"),
+        (["--size", "24"], "crop size 32 px is larger than the images (--size 24)"),
+        (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
+        (["--max_images", "100", "--K", "500"], "--K 500"),
+        (["--arch", "resnet1000"], "--arch"),
+        (["--crop_sizes", "32"], "one value per crop size"),
+        (["--eps", "0"], "--eps must be a positive"),
+        (["--workers", "-1"], "--workers"),
+    ] + ([] if torch.cuda.is_available() else [(["--fp16"], "--fp16 needs a CUDA GPU")])
+
+
+def as_kwargs(args: list) -> dict:
+    "Command-line arguments as keyword arguments of swav_pretrain"
+    kw, key = {}, None
+    for a in args:
+        if a.startswith("--"): key = a[2:]; kw[key] = []
+        else: kw[key].append(a)
+    conv = dict(size=int, bs=int, K=int, max_images=int, workers=int, eps=float, crop_sizes=lambda v: [int(x) for x in v])
+    return {k: True if not v else conv[k](v) if k == "crop_sizes" else conv.get(k, str)(v[0]) for k, v in kw.items()}
+
+
+def test_bad_inputs_raise_usage_error_from_python(tmp_path):
+    for args, msg in bad_inputs(tmp_path / "data"):
+        with pytest.raises(UsageError, match=None) as e:
+            swav_pretrain(output=str(tmp_path / "out"), epochs=1, **as_kwargs(args))
+        assert msg in str(e.value), (args, str(e.value))
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="the swav_pretrain console script is not installed (pip install -e .)")
+def test_bad_inputs_print_one_line_from_the_console_script(tmp_path, monkeypatch, capsys):
+    "The installed entry point, run in this process: exit status 2 and a single line on stderr"
+    for args, msg in bad_inputs(tmp_path / "data"):
+        monkeypatch.setattr(sys, "argv", [SCRIPT, "--output", str(tmp_path / "out"), "--epochs", "1", *args])
+        with pytest.raises(SystemExit) as e: runpy.run_path(SCRIPT, run_name="__main__")
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2, (args, err)
+        assert err.startswith("swav_pretrain: error: ") and msg in err and "\n" not in err, (args, err)
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="the swav_pretrain console script is not installed (pip install -e .)")
+def test_console_script_in_a_fresh_process(tmp_path):
+    "No traceback and no import warnings: only the error line"
+    p = subprocess.run([SCRIPT, "--path", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"swav_pretrain: error: --path {str(tmp_path / 'nope')!r} does not exist"
+
+
+def test_help_lists_the_options(monkeypatch, capsys):
+    if SCRIPT is None: pytest.skip("console script not installed")
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--help"])
+    with pytest.raises(SystemExit) as e: runpy.run_path(SCRIPT, run_name="__main__")
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for opt in ["--path", "--arch", "--num_crops", "--crop_sizes", "--min_scales", "--max_scales", "--epochs", "--bs", "--lr",
+                "--n_protos", "--K", "--queue_start_pct", "--eps", "--temp", "--output", "--seed", "--fp16"]:
+        assert opt in out
