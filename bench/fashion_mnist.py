@@ -86,8 +86,8 @@ def main(args):
 
     print(f"== SwAV pretraining: {args.arch}, {args.epochs} epochs on {len(x_train)} unlabelled images", flush=True)
     # labels are not used by SwAV: the pretraining DataLoaders get zeros (fastai needs a target to compute a loss)
-    dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device="cpu")
-    mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device="cpu")
+    dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device="cpu", num_workers=0)
+    mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device="cpu", num_workers=0)
     model = create_swav_model(encoder, hidden_size=args.hidden_size, projection_size=args.projection_size, n_protos=args.n_protos)
     swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
                 eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
@@ -102,6 +102,9 @@ def main(args):
     print("== evaluation of the pretrained encoder", flush=True)
     results["pretrained_encoder"] = evaluate("(a) SwAV-pretrained", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                              encoder_features(encoder, x_test, y_test, tfm), y_test, args)
+    if args.save_encoder:
+        from self_supervised_swav.finetune import save_encoder
+        save_encoder(encoder, args.save_encoder, arch=args.arch, n_in=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
@@ -112,8 +115,8 @@ def main(args):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet10t")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--bs", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--wd", type=float, default=1e-2)
     p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
@@ -131,9 +134,10 @@ def parse(argv=None):
     p.add_argument("--freeze_protos_iters", type=int, default=100)
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--probe_epochs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads spin and run slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
+    p.add_argument("--save_encoder", default="", help="also write the pretrained encoder's weights to this file")
     p.add_argument("--out", default="bench/fashion_mnist.json")
     import sys
     argv = sys.argv[1:] if argv is None else argv

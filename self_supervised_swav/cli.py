@@ -131,6 +131,8 @@ def check_settings(s: SimpleNamespace):
     for c in s.crop_sizes: _positive("crop_sizes", c)
     for name in ("epochs", "bs", "n_protos"): _positive(name, getattr(s, name))
     for name in ("lr", "eps", "temp"): _positive(name, getattr(s, name), float)
+    if not (isinstance(s.jitter_s, (int, float)) and s.jitter_s >= 0): raise UsageError(f"--jitter_s must be >= 0, got {s.jitter_s!r}")
+    if not (isinstance(s.flip_p, (int, float)) and 0 <= s.flip_p <= 1): raise UsageError(f"--flip_p must be a probability in [0, 1], got {s.flip_p!r}")
     if s.size is not None:
         _positive("size", s.size)
         if max(s.crop_sizes) > s.size:
@@ -207,7 +209,8 @@ def _build(s: SimpleNamespace, n_in: int) -> tuple:
     dls, labelled, what = _load_data(s)
     _check_data(s, dls)
     augs = get_swav_aug_pipelines(num_crops=list(s.num_crops), crop_sizes=list(s.crop_sizes), min_scales=list(s.min_scales),
-                                  max_scales=list(s.max_scales), recipe=s.recipe, stats=GRAY_STATS if n_in == 1 else imagenet_stats)
+                                  max_scales=list(s.max_scales), recipe=s.recipe, jitter_s=s.jitter_s, flip_p=s.flip_p,
+                                  stats=GRAY_STATS if n_in == 1 else imagenet_stats)
     return encoder, dls, labelled, what, augs
 
 def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int) -> Learner:
@@ -257,11 +260,11 @@ def swav_pretrain(
     path: str = None,               # Folder of images (searched recursively); default: scikit-learn digits, no download
     arch: str = "resnet10t",        # timm model name or fastai architecture (e.g. resnet18, xresnet18), randomly initialised
     num_crops: Param("Number of crops of each size", int, nargs="+") = (2, 2),
-    crop_sizes: Param("Side of the crops in px, per size", int, nargs="+") = (32, 16),
-    min_scales: Param("Smallest crop area (fraction of the image), per size", float, nargs="+") = (0.3, 0.1),
-    max_scales: Param("Largest crop area (fraction of the image), per size", float, nargs="+") = (1.0, 0.4),
+    crop_sizes: Param("Side of the crops in px, per size", int, nargs="+") = (24, 12),
+    min_scales: Param("Smallest crop area (fraction of the image), per size", float, nargs="+") = (0.6, 0.35),
+    max_scales: Param("Largest crop area (fraction of the image), per size", float, nargs="+") = (1.0, 0.6),
     size: int = None,               # Images are resized to size x size px; default: the largest crop size
-    epochs: int = 8,                # Training epochs (one-cycle schedule)
+    epochs: int = 6,                # Training epochs (one-cycle schedule)
     bs: int = 64,                   # Batch size
     lr: float = 2e-3,               # Peak learning rate
     n_protos: int = 100,            # Number of prototypes (about 10x the number of classes you expect)
@@ -271,6 +274,8 @@ def swav_pretrain(
     temp: float = 0.1,              # Softmax temperature of the swapped prediction
     freeze_protos_iters: int = None, # Iterations with frozen prototypes; default: one epoch
     recipe: str = "swav",           # Augmentation recipe: "swav" (paper) or "fastai" (original library)
+    jitter_s: float = 0.5,          # Colour jitter strength s (brightness, contrast, saturation 0.8*s, hue 0.2*s)
+    flip_p: float = 0.5,            # Probability of a horizontal flip (0 for images that flipping changes, like digits)
     valid_pct: float = 0.2,         # Fraction of the images held out (kNN queries, validation loss)
     gray: store_true = False,       # Convert folder images to one channel instead of RGB
     rgb: store_true = False,        # Use the embedded digits as 3-channel images

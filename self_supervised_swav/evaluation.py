@@ -261,7 +261,8 @@ def collapse_warning(
         symptoms.append(f"the loss {loss:.4f} sits at ln(n_protos) = {math.log(n_protos):.4f}")
     if not symptoms: return None
     return ("SwAV looks collapsed: " + " and ".join(symptoms) + ". Usual fixes: a smaller eps (e.g. 0.03), a later "
-            "queue start (larger queue_start_pct) or no queue, more freeze_protos_iters, a lower learning rate, fewer n_protos.")
+            "queue start (larger queue_start_pct) or no queue, more freeze_protos_iters, weaker augmentations (larger crops: "
+            "min_scales), a lower learning rate.")
 
 # %% ../nbs/04_evaluation.ipynb #c035
 class PrototypeUsageMonitor(Callback):

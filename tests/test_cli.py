@@ -83,12 +83,13 @@ def bad_inputs(root: Path) -> list:
         (["--path", str(root / "empty")], "no images in"),
         (["--path", str(root / "broken")], "cannot read image"),
         (["--path", str(root / "truncated"), "--bs", "2", "--crop_sizes", "16", "8"], "cannot read image"),
-        (["--path", str(root / "small")], "crop size 32 px is larger than the smallest image"),
-        (["--size", "24"], "crop size 32 px is larger than the images (--size 24)"),
+        (["--path", str(root / "small")], "crop size 24 px is larger than the smallest image"),
+        (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
         (["--max_images", "100", "--K", "500"], "--K 500"),
         (["--arch", "resnet1000"], "--arch"),
         (["--crop_sizes", "32"], "one value per crop size"),
+        (["--jitter_s", "-1"], "--jitter_s"),
         (["--eps", "0"], "--eps must be a positive"),
         (["--workers", "-1"], "--workers"),
     ] + ([] if torch.cuda.is_available() else [(["--fp16"], "--fp16 needs a CUDA GPU")])
@@ -100,7 +101,7 @@ def as_kwargs(args: list) -> dict:
     for a in args:
         if a.startswith("--"): key = a[2:]; kw[key] = []
         else: kw[key].append(a)
-    conv = dict(size=int, bs=int, K=int, max_images=int, workers=int, eps=float, crop_sizes=lambda v: [int(x) for x in v])
+    conv = dict(size=int, bs=int, K=int, max_images=int, workers=int, eps=float, jitter_s=float, crop_sizes=lambda v: [int(x) for x in v])
     return {k: True if not v else conv[k](v) if k == "crop_sizes" else conv.get(k, str)(v[0]) for k, v in kw.items()}
 
 
