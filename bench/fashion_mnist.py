@@ -92,12 +92,13 @@ def main(args):
     swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
                 eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
     learn = Learner(dls, model, cbs=[swav, KNNMonitor(mon.train, mon.valid), PrototypeUsageMonitor()], wd=args.wd)
-    t = time.time()
+    t, cpu = time.time(), time.process_time()
     learn.fit_one_cycle(args.epochs, args.lr)
     results["pretraining_seconds"] = round(time.time() - t)
+    results["pretraining_cpu_seconds"] = round(time.process_time() - cpu)   # all threads of this process
     results["pretraining_log"] = [dict(zip(learn.recorder.metric_names[1:-1], map(lambda v: None if v is None else round(float(v), 4), vals)))
                                   for vals in learn.recorder.values]
-    print(f"pretraining took {results['pretraining_seconds']}s", flush=True)
+    print(f"pretraining took {results['pretraining_seconds']}s ({results['pretraining_cpu_seconds']}s of CPU time)", flush=True)
 
     print("== evaluation of the pretrained encoder", flush=True)
     results["pretrained_encoder"] = evaluate("(a) SwAV-pretrained", encoder_features(encoder, x_train, y_train, tfm), y_train,

@@ -4,6 +4,8 @@
 
 # %% ../nbs/06_cli.ipynb #c003
 from __future__ import annotations
+import argparse
+import inspect
 import json
 import sys
 import time
@@ -15,7 +17,8 @@ from types import SimpleNamespace
 
 import torch
 from torch.utils.data import Subset
-from fastcore.script import Param, call_parse, is_cli, store_true
+from typing import get_type_hints, get_origin, get_args
+from fastcore.docments import docments
 from PIL import Image, UnidentifiedImageError
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the command's output clean
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -37,7 +40,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
 # %% auto #0
 __all__ = ['GRAY_STATS', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls', 'check_settings',
-           'swav_pretrain']
+           'swav_pretrain', 'cli_parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #c006
 class UsageError(ValueError):
@@ -255,18 +258,17 @@ def _run(s: SimpleNamespace) -> dict:
     return results
 
 # %% ../nbs/06_cli.ipynb #c022
-@call_parse
 def swav_pretrain(
     path: str = None,               # Folder of images (searched recursively); default: scikit-learn digits, no download
     arch: str = "resnet10t",        # timm model name or fastai architecture (e.g. resnet18, xresnet18), randomly initialised
-    num_crops: Param("Number of crops of each size", int, nargs="+") = (2, 2),
-    crop_sizes: Param("Side of the crops in px, per size", int, nargs="+") = (24, 12),
-    min_scales: Param("Smallest crop area (fraction of the image), per size", float, nargs="+") = (0.6, 0.35),
-    max_scales: Param("Largest crop area (fraction of the image), per size", float, nargs="+") = (1.0, 0.6),
+    num_crops: list[int] = (2, 2),        # Number of crops of each size
+    crop_sizes: list[int] = (24, 12),     # Side of the crops in px, per size
+    min_scales: list[float] = (0.6, 0.35), # Smallest crop area (fraction of the image), per size
+    max_scales: list[float] = (1.0, 0.6),  # Largest crop area (fraction of the image), per size
     size: int = None,               # Images are resized to size x size px; default: the largest crop size
     epochs: int = 6,                # Training epochs (one-cycle schedule)
     bs: int = 64,                   # Batch size
-    lr: float = 2e-3,               # Peak learning rate
+    lr: float = 1e-3,               # Peak learning rate
     n_protos: int = 100,            # Number of prototypes (about 10x the number of classes you expect)
     K: int = 0,                     # Queue length per assignment crop; 0: no queue
     queue_start_pct: float = 0.25,  # Fraction of training after which the queue starts filling
@@ -275,21 +277,47 @@ def swav_pretrain(
     freeze_protos_iters: int = None, # Iterations with frozen prototypes; default: one epoch
     recipe: str = "swav",           # Augmentation recipe: "swav" (paper) or "fastai" (original library)
     jitter_s: float = 0.5,          # Colour jitter strength s (brightness, contrast, saturation 0.8*s, hue 0.2*s)
-    flip_p: float = 0.5,            # Probability of a horizontal flip (0 for images that flipping changes, like digits)
+    flip_p: float = 0.0,            # Probability of a horizontal flip: 0 for the digits (flipping changes them), 0.5 for most photos
     valid_pct: float = 0.2,         # Fraction of the images held out (kNN queries, validation loss)
-    gray: store_true = False,       # Convert folder images to one channel instead of RGB
-    rgb: store_true = False,        # Use the embedded digits as 3-channel images
+    gray: bool = False,             # Convert folder images to one channel instead of RGB
+    rgb: bool = False,              # Use the embedded digits as 3-channel images
     max_images: int = None,         # Use only the first max_images images (quick tries)
     workers: int = None,            # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
     output: str = "swav_output",    # Folder for encoder.pth and swav_pretrain.json
     seed: int = 42,                 # Random seed (split, initialisation, augmentations)
-    fp16: store_true = False,       # Mixed precision training (needs a CUDA GPU)
+    fp16: bool = False,             # Mixed precision training (needs a CUDA GPU)
 ):
-    "Pretrain an encoder with SwAV on a folder of images (or the embedded digits) and report kNN top-1"
+    "Pretrain an encoder with SwAV on a folder of images (or the embedded digits) and report kNN top-1; `UsageError` for bad input"
     s = SimpleNamespace(**{k: v for k, v in locals().items()})
     for name in ("num_crops", "crop_sizes", "min_scales", "max_scales"): setattr(s, name, list(getattr(s, name)))
-    if not is_cli(swav_pretrain): return _run(s)   # called from Python: results, or a UsageError
-    try: _run(s)
+    return _run(s)
+
+
+# %% ../nbs/06_cli.ipynb #c022b
+def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]:
+    "The flags and `add_argument` keywords of parameter `name` of type `hint`"
+    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    help = (doc or "") + ("" if default is None or hint is bool else f" (default: {default if not isinstance(default, tuple) else ' '.join(map(str, default))})")
+    if hint is bool: return flags, dict(action="store_true", help=help)
+    kw = dict(default=list(default) if isinstance(default, tuple) else default, help=help)
+    if get_origin(hint) is list: return flags, dict(kw, type=get_args(hint)[0], nargs="+")
+    args = [a for a in get_args(hint) if a is not type(None)]   # `int | None` and the like
+    return flags, dict(kw, type=args[0] if args else hint)
+
+def cli_parser(func=None) -> argparse.ArgumentParser:
+    "An `argparse` parser with one option per parameter of `func` (default: `swav_pretrain`), documented by its comments"
+    func = func or swav_pretrain
+    hints, docs = get_type_hints(func), docments(func)
+    p = argparse.ArgumentParser(prog="swav_pretrain", description=func.__doc__.split(";")[0])
+    for name, prm in inspect.signature(func).parameters.items():
+        flags, kw = _option(name, hints[name], prm.default, docs.get(name))
+        p.add_argument(*flags, dest=name, **kw)
+    return p
+
+def main(argv: list[str] | None = None):
+    "The `swav_pretrain` command: parse `argv` (default: `sys.argv[1:]`), run, print a `UsageError` as one line and exit with status 2"
+    args = cli_parser().parse_args(argv)
+    try: swav_pretrain(**vars(args))
     except UsageError as e:
         print(f"swav_pretrain: error: {e}", file=sys.stderr)
         sys.exit(2)
