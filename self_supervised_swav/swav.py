@@ -4,9 +4,12 @@
 
 # %% ../nbs/02_swav.ipynb #c003
 from __future__ import annotations
+import random
+import struct
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -21,7 +24,7 @@ from .layers import create_mlp_module, encoder_feature_dim
 
 # %% auto #0
 __all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVModel', 'create_swav_model', 'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes',
-           'swav_loss', 'SWAV']
+           'swav_loss', 'rng_state_tensor', 'set_rng_state_tensor', 'SWAV']
 
 # %% ../nbs/02_swav.ipynb #c006
 def _crop_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -48,8 +51,11 @@ class SwAVModel(nn.Module):
         # under DDP, every rank's queue, gathered at the end of each epoch so that rank 0's checkpoint restores them all
         self.register_buffer("rank_queues", torch.zeros(0, 0, 0, prototypes.in_features))
         self.register_buffer("rank_queue_lens", torch.zeros(0, dtype=torch.long))
+        # the random state of every rank at the end of epoch `rng_epoch` (see `rng_state_tensor`), for exact resumes
+        self.register_buffer("rng_states", torch.zeros(0, 0, dtype=torch.long))
+        self.register_buffer("rng_epoch", torch.full((), -1, dtype=torch.long))
         # each rank keeps its own queue (official code): DDP must not broadcast it from rank 0
-        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_len", "rank_queues", "rank_queue_lens"]
+        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_len", "rank_queues", "rank_queue_lens", "rng_states", "rng_epoch"]
 
     def forward(self, crops: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         "(L2-normalised embeddings, prototype scores) of all crops, stacked crop after crop"
@@ -59,8 +65,9 @@ class SwAVModel(nn.Module):
         return z, self.prototypes(z)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        "Accept a checkpoint's queues whatever their shape: the `SWAV` callback checks them against its settings"
-        for name in ("queue", "rank_queues", "rank_queue_lens"):
+        "Accept a checkpoint's queues and random states whatever their shape: the `SWAV` callback checks them"
+        for name in ("rng_states", "rng_epoch"): state_dict.setdefault(prefix + name, getattr(self, name))  # older checkpoints
+        for name in ("queue", "rank_queues", "rank_queue_lens", "rng_states"):
             t, mine = state_dict.get(prefix + name), getattr(self, name)
             if t is not None and t.shape != mine.shape:
                 setattr(self, name, torch.zeros(t.shape, dtype=mine.dtype, device=mine.device))
@@ -182,6 +189,55 @@ def swav_loss(
     others[torch.arange(n_assign), torch.as_tensor(list(crop_assgn_ids))] = False
     return (ce * others).sum(1).div(n_crops - 1).mean()
 
+# %% ../nbs/02_swav.ipynb #c031b
+def _float_bits(f: float | None) -> list[int]: return [0, 0] if f is None else [1, struct.unpack("<q", struct.pack("<d", f))[0]]
+def _bits_float(flag: int, bits: int) -> float | None: return struct.unpack("<d", struct.pack("<q", bits))[0] if flag else None
+
+def _py_rng(state: tuple) -> list[int]:
+    "python `random` state `(version, 625 ints, gauss_next)` as ints"
+    version, internal, gauss = state
+    return [version, *internal, *_float_bits(gauss)]
+
+def _np_rng(state: tuple) -> list[int]:
+    "numpy's legacy MT19937 state as ints"
+    _, keys, pos, has_gauss, cached = state
+    return [*keys.tolist(), pos, has_gauss, *_float_bits(cached)[1:]]
+
+def _loaders(dls) -> list:
+    "The `DataLoader`s of a fastai `DataLoaders`, or of a list of them"
+    if dls is None: return []
+    return list(dls.loaders) if hasattr(dls, "loaders") else list(dls)
+
+def rng_state_tensor(dls=None) -> Tensor:
+    "torch (CPU and every initialised CUDA device), python, numpy and each of `dls`' `DataLoader` random states, as one int64 vector"
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    loaders = _loaders(dls)
+    parts = [torch.get_rng_state().long(), torch.tensor(_py_rng(random.getstate())), torch.tensor(_np_rng(np.random.get_state())),
+             *[torch.tensor(_py_rng(dl.rng.getstate())) for dl in loaders], *[s.long() for s in cuda]]
+    header = torch.tensor([len(loaders), len(cuda), *[len(t) for t in parts]])
+    return torch.cat([torch.tensor([len(header)]), header, *parts])
+
+def _py_state(v: list[int]) -> tuple: return (v[0], tuple(v[1:-2]), _bits_float(v[-2], v[-1]))
+
+def set_rng_state_tensor(t: Tensor, dls=None):
+    "Restore the random states packed by `rng_state_tensor` (the `DataLoader`s' too when `dls` is given)"
+    v = t.cpu().tolist()
+    header = v[1:1 + v[0]]
+    n_loaders, n_cuda, lens = header[0], header[1], header[2:]
+    parts, start = [], 1 + v[0]
+    for n in lens: parts.append(v[start:start + n]); start += n
+    torch.set_rng_state(torch.tensor(parts[0], dtype=torch.uint8))
+    random.setstate(_py_state(parts[1]))
+    keys, rest = parts[2][:624], parts[2][624:]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), rest[0], rest[1], _bits_float(1, rest[2])))
+    loaders = _loaders(dls)
+    if dls is not None and len(loaders) != n_loaders:
+        raise ValueError(f"The random state holds {n_loaders} DataLoaders' states but dls has {len(loaders)}: pass the same DataLoaders.")
+    for dl, s in zip(loaders, parts[3:3 + n_loaders]): dl.rng.setstate(_py_state(s))
+    cuda = parts[3 + n_loaders:]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+
 # %% ../nbs/02_swav.ipynb #c033
 def _check_positive(name: str, v, integer: bool = False, minimum=None):
     "`ValueError` naming `name` unless `v` is a positive number (int if `integer`, >= `minimum` if given)"
@@ -216,6 +272,7 @@ class SWAV(Callback):
         n_sinkh_iter: int = 3,             # Sinkhorn iterations
         freeze_protos_iters: int = 313,    # Training iterations during which prototypes do not move
         print_augs: bool = False,          # Print the pipelines at the start of fit
+        resume_rng: bool = True,           # Keep the random state in the model each epoch; restore it when fit resumes
     ):
         assert_aug_pipelines(aug_pipelines)
         if len(aug_pipelines) < 2: raise ValueError(f"SwAV needs at least 2 crops (aug_pipelines), got {len(aug_pipelines)}.")
@@ -229,7 +286,7 @@ class SWAV(Callback):
         _check_positive("freeze_protos_iters", freeze_protos_iters, integer=True, minimum=0)
         self.K, self.queue_start_pct, self.temp, self.eps = K, queue_start_pct, temp, eps
         self.n_sinkh_iter, self.freeze_protos_iters, self.print_augs = n_sinkh_iter, freeze_protos_iters, print_augs
-        self._old_loss_func = None
+        self.resume_rng, self._old_loss_func, self._resume_epoch = resume_rng, None, None
 
     # ---- state on the model
     @property
@@ -249,17 +306,22 @@ class SWAV(Callback):
     def before_fit(self):
         self._check_model()
         self._setup_state()
+        self._resume_epoch = self._resuming_epoch()
         if self.print_augs: print(*self.augs, sep="\n")
         if self.learn.loss_func != self._swav_loss: self._old_loss_func = self.learn.loss_func
         self.learn.loss_func = self._swav_loss
+    def before_epoch(self):
+        if self._resume_epoch is not None and self.epoch == self._resume_epoch: self._restore_rng()
     def after_epoch(self):
         if self.K is not None and _dist_on(): self._gather_rank_queues()
+        if self.resume_rng and self._resume_epoch is None: self._save_rng()   # not in the epochs skipped before a resume
     def after_cancel_fit(self): self._restore_loss_func()
     def after_fit(self): self._restore_loss_func()
 
     # ---- batch
     def before_batch(self):
         self._normalize_prototypes()
+        if not self.learn.yb: self.learn.yb = (torch.zeros(len(self.x), device=self.x.device),)   # images-only data
         self.learn.xb = (self._make_crops(self.x),)
     def before_step(self):
         if self._iters < self.freeze_protos_iters: self.swav_model.prototypes.weight.grad = None
@@ -323,6 +385,39 @@ class SWAV(Callback):
         if hasattr(m, "rank_queues"):   # a checkpoint's per-rank queues too
             m.rank_queues, m.rank_queue_lens = m.rank_queues.new_zeros(0, 0, 0, m.prototypes.in_features), m.rank_queue_lens.new_zeros(0)
         self._queue_len = 0
+
+    def _resuming_epoch(self) -> int | None:
+        "The epoch `fit(..., start_epoch=e)` resumes at, when the model holds the random state of the end of epoch e-1"
+        if not self.resume_rng: return None
+        skip = [cb for cb in self.learn.cbs if type(cb).__name__ == "SkipToEpoch"]
+        start, saved = (skip[0]._skip_to if skip else 0), int(self.swav_model.rng_epoch)
+        if start == 0 or saved < 0: return None
+        if saved != start - 1:
+            warnings.warn(f"The model holds the random state of the end of epoch {saved} but fit resumes at epoch {start}: "
+                          "the crops and shuffling will not retrace the interrupted run (load the checkpoint of epoch "
+                          f"{start - 1} to retrace it).")
+            return None
+        return start
+
+    def _save_rng(self):
+        "This rank's random state (all ranks' under DDP) into the model's `rng_states`"
+        m, state = self.swav_model, rng_state_tensor(self.dls).to(self.swav_model.rng_states.device)
+        if _dist_on():
+            states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
+            dist.all_gather(states, state)
+            state = torch.stack(states)
+        else: state = state[None]
+        m.rng_states = state
+        m.rng_epoch.fill_(self.epoch)
+
+    def _restore_rng(self):
+        "This rank's random state from the model, as saved at the end of the previous epoch"
+        m, world, rank = self.swav_model, dist.get_world_size() if _dist_on() else 1, dist.get_rank() if _dist_on() else 0
+        if m.rng_states.shape[0] != world:
+            warnings.warn(f"The checkpoint holds the random state of {m.rng_states.shape[0]} processes, not {world}: "
+                          "the crops and shuffling will not retrace the interrupted run.")
+        else: set_rng_state_tensor(m.rng_states[rank], self.dls)
+        self._resume_epoch = None
 
     def _restore_loss_func(self):
         if self._old_loss_func is not None and self.learn.loss_func == self._swav_loss:

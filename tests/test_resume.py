@@ -1,11 +1,11 @@
 """Interrupting SwAV pretraining and resuming it: `learn.save`/`learn.load`, then `fit`/`fit_one_cycle(..., start_epoch=e)`.
 
 `learn.save` stores the model (with the queue, `queue_len` and `swav_iters` buffers; under DDP also every rank's
-queue, gathered into `rank_queues` at the end of each epoch) and the optimiser state, not the random number
-generators. The crops (kornia: torch's global RNG) and fastai's shuffling (each
-`DataLoader`'s own `random.Random`) depend on them, so a resumed run retraces the uninterrupted one exactly
-only when those states are restored too (`rng_state`/`set_rng_state` below); without them it continues from
-the same SwAV state with different crops.
+queue, gathered into `rank_queues` at the end of each epoch) and the optimiser state. The crops (kornia: torch's
+global RNG) and fastai's shuffling (each `DataLoader`'s own `random.Random`) depend on random states that `SWAV`
+also keeps on the model (`rng_states`, every rank's, written at the end of each epoch) and restores when
+`fit(..., start_epoch=e)` resumes after the epoch it was saved at, so a resumed run retraces the uninterrupted one
+exactly; with `resume_rng=False` it continues from the same SwAV state with different crops.
 """
 from __future__ import annotations
 import math
@@ -51,22 +51,22 @@ def digits():
     x, y = digits_images(size=16)
     return x[:64], y[:64]
 
-def make_learner(digits, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=()):
+def make_learner(digits, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=(), resume_rng=True):
     "48 training images in 3 batches of 16; over 2 epochs the queue (K=40) fills from the 2nd batch, is full after the 4th, in use from the 5th"
     set_seed(0, reproducible=True)                 # the same shuffling for every learner...
     dls = image_tensor_dls(*digits, bs=16, valid_pct=0.25, device="cpu")
     torch.manual_seed(model_seed)                  # ...and a model initialised from `model_seed`
-    swav = SWAV(aug_pipelines(), crop_ids, K=K, queue_start_pct=0.1, freeze_protos_iters=freeze)
+    swav = SWAV(aug_pipelines(), crop_ids, K=K, queue_start_pct=0.1, freeze_protos_iters=freeze, resume_rng=resume_rng)
     return Learner(dls, tiny_swav_model(n_protos, projection_size), cbs=[swav, RawLosses(), *cbs], path=path)
 
 def rng_state(learn) -> dict:
-    "What the next batches' crops and shuffling depend on, and `learn.save` does not store"
+    "What the next batches' crops and shuffling depend on"
     return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
                 dls=[dl.rng.getstate() for dl in learn.dls.loaders])
 
-def set_rng_state(learn, state: dict):
-    torch.set_rng_state(state["torch"]); random.setstate(state["python"]); np.random.set_state(state["numpy"])
-    for dl, s in zip(learn.dls.loaders, state["dls"]): dl.rng.setstate(s)
+def assert_same_rng(a: dict, b: dict):
+    assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and a["dls"] == b["dls"]
+    assert a["numpy"][0] == b["numpy"][0] and np.array_equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:]
 
 class Interrupt(Callback):
     "Stop fit at the start of epoch `epoch`, as a crash between epochs would; keep the RNG states of that moment"
@@ -74,6 +74,13 @@ class Interrupt(Callback):
     def __init__(self, epoch: int): self.stop_epoch, self.rng = epoch, None
     def before_epoch(self):
         if self.epoch == self.stop_epoch: self.rng = rng_state(self.learn); raise CancelFitException()
+
+class RngAtEpoch(Callback):
+    "The RNG states at the start of epoch `epoch`, after SWAV (order 9) has restored them"
+    order = 10
+    def __init__(self, epoch: int): self.at, self.rng = epoch, None
+    def before_epoch(self):
+        if self.epoch == self.at: self.rng = rng_state(self.learn)
 
 class RawLosses(Callback):
     "The loss of every training batch (`recorder.losses` holds a smoothed loss, restarted at every fit)"
@@ -100,7 +107,7 @@ def _fit(learn, method, start_epoch=0):
 
 @pytest.mark.parametrize("method", ["fit", "fit_one_cycle"])
 def test_resume_retraces_uninterrupted_run(digits, tmp_path, method):
-    "Interrupted after epoch 1 with a half-full queue, saved, loaded into a new model and resumed with the RNG states: the same losses and queue"
+    "Interrupted after epoch 1 with a half-full queue, saved, loaded into a new model and resumed: the same RNG states, losses and queue"
     full = make_learner(digits, tmp_path)
     _fit(full, method)
     n_iter = len(full.dls.train)
@@ -111,9 +118,11 @@ def test_resume_retraces_uninterrupted_run(digits, tmp_path, method):
     assert first.swav.queue_len == 32 and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
     first.save("ckpt")
 
-    resumed = make_learner(digits, tmp_path, model_seed=1).load("ckpt")   # another initialisation: everything comes from the file
-    set_rng_state(resumed, stop.rng)
+    torch.manual_seed(123); random.seed(123); np.random.seed(123)         # the resumed process starts from other random states
+    at1 = RngAtEpoch(1)
+    resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[at1]).load("ckpt")   # another initialisation: everything comes from the file
     _fit(resumed, method, start_epoch=1)
+    assert_same_rng(at1.rng, stop.rng)
 
     assert first.raw_losses.losses == full.raw_losses.losses[:n_iter]
     torch.testing.assert_close(torch.tensor(resumed.raw_losses.losses), torch.tensor(full.raw_losses.losses[n_iter:]), atol=1e-5, rtol=1e-5)
@@ -125,14 +134,15 @@ def test_resume_retraces_uninterrupted_run(digits, tmp_path, method):
 
 
 def test_resume_keeps_swav_state(digits, tmp_path):
-    "Without the RNG states the crops differ, but the SwAV state carries over: queue, fill level, and the prototype-freezing counter"
+    "With resume_rng=False the crops differ, but the SwAV state carries over: queue, fill level, and the prototype-freezing counter"
     stop = Interrupt(1)
-    first = make_learner(digits, tmp_path, cbs=[stop])   # freeze_protos_iters=4: frozen for 1 batch after the 3 of epoch 0
+    first = make_learner(digits, tmp_path, cbs=[stop], resume_rng=False)   # freeze_protos_iters=4: frozen for 1 batch after the 3 of epoch 0
     _fit(first, "fit")
     first.save("ckpt")
+    assert int(first.model.rng_epoch) == -1 and first.model.rng_states.numel() == 0   # nothing kept
 
-    probe = FirstBatches()
-    resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[probe]).load("ckpt")
+    probe, at1 = FirstBatches(), RngAtEpoch(1)
+    resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[probe, at1], resume_rng=False).load("ckpt")
     _fit(resumed, "fit", start_epoch=1)
     torch.testing.assert_close(probe.queue0, first.swav.queue, atol=0, rtol=0)
     assert probe.queue_len0 == first.swav.queue_len == 32
@@ -141,6 +151,27 @@ def test_resume_keeps_swav_state(digits, tmp_path):
     assert not torch.equal(before4, after4), "iteration 4: the prototypes train"
     assert int(resumed.model.swav_iters) == N_EPOCH * len(resumed.dls.train) and resumed.swav.queue_len == 40
     assert all(math.isfinite(l) for l in resumed.recorder.losses)
+    assert not torch.equal(at1.rng["torch"], stop.rng["torch"])
+
+
+def test_resume_from_another_epoch_warns(digits, tmp_path):
+    "The random state of the end of epoch 0 does not fit a resume at epoch 2: a warning, and training goes on"
+    first = make_learner(digits, tmp_path, cbs=[Interrupt(1)])
+    _fit(first, "fit")
+    first.save("ckpt")
+    resumed = make_learner(digits, tmp_path).load("ckpt")
+    with pytest.warns(UserWarning, match="random state of the end of epoch 0 but fit resumes at epoch 2"):
+        with resumed.no_bar(), resumed.no_logging(): resumed.fit(3, lr=3e-3, start_epoch=2)
+    assert int(resumed.model.rng_epoch) == 2
+
+
+def test_checkpoint_loads_without_pickle(digits, tmp_path):
+    "The random state is plain int64 tensors: the checkpoint loads with torch.load(weights_only=True)"
+    learn = make_learner(digits, tmp_path)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
+    learn.save("plain", with_opt=False)
+    sd = torch.load(tmp_path / "models" / "plain.pth", weights_only=True)
+    assert sd["rng_states"].dtype == torch.int64 and sd["rng_states"].shape[0] == 1 and int(sd["rng_epoch"]) == 0
 
 
 # ---- checkpoints that do not fit the run
@@ -198,32 +229,37 @@ def _ddp_learner(rank, world, out_dir, x, y, model_seed, cbs=()):
     dls = image_tensor_dls(x[rank::world], y[rank::world], bs=8, valid_pct=0.25, device="cpu")
     torch.manual_seed(model_seed)
     swav = SWAV(aug_pipelines(), CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1)
-    return Learner(dls, DDP(tiny_swav_model()), cbs=[swav, *cbs], path=out_dir)
+    learn = Learner(dls, DDP(tiny_swav_model()), cbs=[swav, *cbs], path=out_dir)
+    torch.manual_seed(1000 * model_seed + rank)   # the same initialisation on every rank, then each rank its own crops
+    return learn
 
 def _ddp_resume_worker(rank, world, out_dir, x, y, ckpt, reset):
     "Train 1 epoch and save (unless `ckpt` names a checkpoint already there), load it into a new learner, resume"
-    own = None
+    own = own_rng = None
     if ckpt is None:
         learn = _ddp_learner(rank, world, out_dir, x, y, 0)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
-        own, ckpt = learn.swav.queue.clone(), "ddp"
+        own, own_rng, ckpt = learn.swav.queue.clone(), rng_state(learn)["torch"], "ddp"
         learn.save(ckpt)                          # fastai: rank 0 writes the file
-    probe = FirstBatches()
-    resumed = _ddp_learner(rank, world, out_dir, x, y, 1, cbs=[probe]).load(ckpt)
+    probe, at1 = FirstBatches(), RngAtEpoch(1)
+    torch.manual_seed(100 + rank)
+    resumed = _ddp_learner(rank, world, out_dir, x, y, 1, cbs=[probe, at1]).load(ckpt)
     if reset: resumed.swav.reset_queue()
     with warnings.catch_warnings(record=True) as warned, resumed.no_bar(), resumed.no_logging():
         warnings.simplefilter("always")
         resumed.fit(2, lr=3e-3, start_epoch=1)
-    torch.save(dict(own=own, queue0=probe.queue0, queue_len0=probe.queue_len0, warnings=[str(w.message) for w in warned]),
+    torch.save(dict(own=own, queue0=probe.queue0, queue_len0=probe.queue_len0, warnings=[str(w.message) for w in warned],
+                    own_rng=own_rng, rng1=at1.rng["torch"]),
                out_dir / f"rank{rank}.pt")
 
 def test_ddp_resume_gives_each_rank_its_queue(digits, tmp_path):
-    "2 gloo processes resume from rank 0's learn.save: each rank continues with its own queue and fill level, not rank 0's"
+    "2 gloo processes resume from rank 0's learn.save: each rank continues with its own queue, fill level and random state, not rank 0's"
     r0, r1 = run_gloo(_ddp_resume_worker, tmp_path, *digits, None, False)
-    assert not torch.equal(r0["own"], r1["own"])
+    assert not torch.equal(r0["own"], r1["own"]) and not torch.equal(r0["own_rng"], r1["own_rng"])
     for rank, r in enumerate((r0, r1)):
         assert torch.equal(r["queue0"], r["own"]), f"rank {rank} did not resume with its own queue"
         assert r["queue_len0"] == 12
+        assert torch.equal(r["rng1"], r["own_rng"]), f"rank {rank} did not resume with its own random state"
 
 def test_ddp_reset_queue_after_load(digits, tmp_path):
     "learn.swav.reset_queue() after learn.load in a 2-process run starts every rank with an empty queue"
