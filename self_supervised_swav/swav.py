@@ -19,7 +19,7 @@ from fastai.data.core import Pipeline
 from fastai.torch_core import get_model, show_image
 from fastai.vision.core import imagenet_stats
 
-from .augmentations import assert_aug_pipelines, get_batch_augs
+from .augmentations import BatchNormalize, KorniaTfm, assert_aug_pipelines, get_batch_augs
 from .layers import create_mlp_module, encoder_feature_dim
 
 # %% auto #0
@@ -119,6 +119,22 @@ def get_swav_aug_pipelines(
     return [get_batch_augs(s, resize_scale=(lo, hi), **kwargs)
             for n, s, lo, hi in zip(num_crops, crop_sizes, min_scales, max_scales) for _ in range(n)]
 
+# %% ../nbs/02_swav.ipynb #c017b
+def _pipeline_key(p: Pipeline) -> tuple | None:
+    "Pipelines with equal keys draw crops from one distribution; None: this pipeline cannot make several crops per call"
+    if not p.fs or not (isinstance(p.fs[0], KorniaTfm) and type(p.fs[0].aug).__name__ == "RandomResizedCrop"): return None
+    for t in p.fs:   # kornia draws per-sample parameters unless same_on_batch; other transforms may draw once per call
+        if not isinstance(t, (KorniaTfm, BatchNormalize)) or getattr(getattr(t, "aug", None), "same_on_batch", False): return None
+    return tuple((type(t).__name__, repr(t), getattr(t, "rgb_only", None)) for t in p.fs)   # kornia reprs hold the parameters
+
+def _pipeline_groups(augs: Sequence[Pipeline]) -> list[tuple[int, int]]:
+    "(start, end) ranges of consecutive pipelines with the same (not None) key"
+    keys, groups, start = [_pipeline_key(p) for p in augs], [], 0
+    for i in range(1, len(augs) + 1):
+        if i == len(augs) or keys[i] is None or keys[i] != keys[start]:
+            groups.append((start, i)); start = i
+    return groups
+
 # %% ../nbs/02_swav.ipynb #c019
 def _dist_on() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -136,29 +152,36 @@ def sinkhorn_knopp(
     scores: Tensor,     # Prototype scores [B, K], or [A, B, K] for A independent problems
     eps: float = 0.05,  # Entropy regularisation epsilon (0.05 in the paper)
     n_iters: int = 3,   # Sinkhorn iterations (3 in the paper)
+    keep_last: int | None = None, # Return only the codes of the last `keep_last` samples (the batch after its queue)
 ) -> Tensor:
     "SwAV codes (float32, same shape as `scores`): rows sum to 1, prototypes equally used over the (global) batch"
     if scores.ndim not in (2, 3): raise ValueError(f"scores must be [B, K] or [A, B, K], got shape {tuple(scores.shape)}")
     if not eps > 0: raise ValueError(f"eps must be positive, got {eps}")
     if not (isinstance(n_iters, int) and n_iters >= 1): raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
-    with _float32(scores): return _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_iters)[
-        slice(None) if scores.ndim == 3 else 0]
+    with _float32(scores): q = _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_iters, keep_last)
+    return q if scores.ndim == 3 else q[0]
 
-def _sinkhorn(s: Tensor, eps: float, n_iters: int) -> Tensor:
+def _sinkhorn(s: Tensor, eps: float, n_iters: int, keep_last: int | None = None) -> Tensor:
     "Sinkhorn-Knopp on float32 scores `[A, B, K]`, outside autocast"
     n_protos = s.shape[2]
     n_samples = _all_reduce(torch.full((), s.shape[1], dtype=torch.float32, device=s.device))
     proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if _dist_on() else None)  # [A, 1, K]
-    q = (s - proto_max).div_(eps)                                        # <= 0, fresh buffer
+    q = torch.add(proto_max.div_(-eps), s, alpha=1 / eps)                # (s - max) / eps <= 0: one pass, fresh buffer
     sample_max = q.amax(dim=2, keepdim=True)                             # [A, B, 1], <= 0
     q.sub_(sample_max).exp_()                                            # Q0: entries in (0, 1]
     v = sample_max.exp()                                                 # per-sample factor, back in v
     for _ in range(n_iters):
         u = _all_reduce(torch.bmm(v.transpose(1, 2), q)).mul_(n_protos).reciprocal_()  # prototypes: total 1/K
         v = torch.bmm(q, u.transpose(1, 2)).mul_(n_samples).reciprocal_()              # samples: total 1/B
-    return q.mul_(u).mul_(v * n_samples)                                 # rows are assignments: sum to 1
+    if keep_last is not None: q, v = q[:, -keep_last:], v[:, -keep_last:]   # only these rows need scaling
+    q = q.mul(u) if keep_last is not None else q.mul_(u)                 # (a view of q must not be scaled in place)
+    return q.mul_(v.mul_(n_samples))                                     # rows are assignments: sum to 1
 
 # %% ../nbs/02_swav.ipynb #c025
+def _rows(t: Tensor, ids: Sequence[int]) -> Tensor:
+    "`t[ids]` for a list of ints without an index tensor: on a GPU, `t[list]` copies the list to the device and waits"
+    return torch.stack([t[i] for i in ids])
+
 @torch.no_grad()
 def swav_codes(
     scores: Tensor,                    # Scores of all crops [n_crops*bs, K], crop after crop
@@ -169,9 +192,9 @@ def swav_codes(
     queue_scores: Tensor | None = None, # Scores of queued embeddings [len(crop_assgn_ids), Kq, K], or None
 ) -> Tensor:
     "Codes `[len(crop_assgn_ids), bs, K]` of the assignment crops, from Sinkhorn-Knopp"
-    out = scores.detach().view(-1, bs, scores.shape[-1])[list(crop_assgn_ids)]   # [A, bs, K]
-    if queue_scores is not None: out = torch.cat([queue_scores.to(out.dtype), out], dim=1)
-    return sinkhorn_knopp(out, eps=eps, n_iters=n_iters)[:, -bs:]
+    out = _rows(scores.detach().view(-1, bs, scores.shape[-1]), crop_assgn_ids)   # [A, bs, K]
+    if queue_scores is None: return sinkhorn_knopp(out, eps=eps, n_iters=n_iters)
+    return sinkhorn_knopp(torch.cat([queue_scores.to(out.dtype), out], dim=1), eps=eps, n_iters=n_iters, keep_last=bs)
 
 def swav_loss(
     scores: Tensor,                 # Scores of all crops [n_crops*bs, K], crop after crop (differentiable)
@@ -185,9 +208,8 @@ def swav_loss(
     with _float32(scores):
         log_p = F.log_softmax(scores.float().view(n_crops, bs, n_protos) / temp, dim=-1)
         ce = -(codes.float().reshape(n_assign, -1) @ log_p.reshape(n_crops, -1).T) / bs   # [A, n_crops]
-    others = torch.ones_like(ce, dtype=torch.bool)
-    others[torch.arange(n_assign), torch.as_tensor(list(crop_assgn_ids))] = False
-    return (ce * others).sum(1).div(n_crops - 1).mean()
+    own = torch.stack([ce[a, i] for a, i in enumerate(crop_assgn_ids)])   # each code against its own crop: left out
+    return (ce.sum(1) - own).div(n_crops - 1).mean()
 
 # %% ../nbs/02_swav.ipynb #c031b
 def _float_bits(f: float | None) -> list[int]: return [0, 0] if f is None else [1, struct.unpack("<q", struct.pack("<d", f))[0]]
@@ -277,6 +299,9 @@ class SWAV(Callback):
         assert_aug_pipelines(aug_pipelines)
         if len(aug_pipelines) < 2: raise ValueError(f"SwAV needs at least 2 crops (aug_pipelines), got {len(aug_pipelines)}.")
         self.augs = list(aug_pipelines)
+        self._aug_groups = _pipeline_groups(self.augs)
+        self._group_pipes = [(Pipeline(self.augs[s].fs[:1], split_idx=0), Pipeline(self.augs[s].fs[1:], split_idx=0)) if e - s > 1
+                             else (None, None) for s, e in self._aug_groups]
         self.crop_assgn_ids = _check_crop_assgn_ids(crop_assgn_ids, len(self.augs))
         if K is not None: _check_positive("K", K, integer=True)
         if not (isinstance(queue_start_pct, (int, float)) and 0 <= queue_start_pct <= 1):
@@ -430,7 +455,11 @@ class SWAV(Callback):
 
     def _make_crops(self, x: Tensor) -> list[Tensor]:
         x = x.as_subclass(Tensor) if isinstance(x, Tensor) else x
-        return [aug(x) for aug in self.augs]
+        crops = []
+        for (s, e), (crop, rest) in zip(self._aug_groups, self._group_pipes):
+            if e - s == 1: crops.append(self.augs[s](x)); continue
+            crops += list(rest(torch.cat([crop(x) for _ in range(s, e)])).chunk(e - s))   # crop each, then one call for the rest
+        return crops
 
     def _count_iter(self):
         self._iters += 1
@@ -448,7 +477,7 @@ class SWAV(Callback):
     def _enqueue(self, embedding: Tensor, bs: int):
         "Push the assignment crops' embeddings at the front of their queues"
         m = self.swav_model
-        new = embedding.detach().view(-1, bs, embedding.shape[-1])[self.crop_assgn_ids].to(m.queue.dtype)
+        new = _rows(embedding.detach().view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids).to(m.queue.dtype)
         m.queue.copy_(torch.cat([new, m.queue], dim=1)[:, :self.K])
         self._queue_len = min(self.K, self._queue_len + bs)
         m.queue_len.fill_(self._queue_len)

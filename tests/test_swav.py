@@ -100,6 +100,14 @@ def test_sinkhorn_batched_equals_separate():
     for i in range(3): torch.testing.assert_close(batched[i], sinkhorn_knopp(s[i]))
 
 
+def test_sinkhorn_keep_last_is_the_tail_of_the_full_codes():
+    "keep_last=n: the codes of the last n samples (the batch after its queue), computed over all rows"
+    s = torch.stack([cosine_scores(50, 20, seed=i) for i in range(2)])
+    full = sinkhorn_knopp(s)
+    torch.testing.assert_close(sinkhorn_knopp(s, keep_last=8), full[:, -8:], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sinkhorn_knopp(s[0], keep_last=8), full[0, -8:], rtol=1e-6, atol=1e-7)
+
+
 def test_sinkhorn_does_not_modify_input_and_needs_no_grad():
     s = cosine_scores(32, 10).requires_grad_()
     before = s.detach().clone()
@@ -342,6 +350,23 @@ def test_show_draws_images_and_crops(tiny_dls):
     assert fig.axes[0].get_title() == "image" and fig.axes[1].get_title() == "crop 0"
     shapes = [ax.get_images()[0].get_array().shape[:2] for ax in fig.axes[:5]]
     assert shapes == [(24, 24), (16, 16), (16, 16), (8, 8), (8, 8)]
+
+
+def test_crops_of_one_size_made_together_are_independent():
+    "Identical pipelines run as one group: the crops keep their shapes, differ from each other, and keep the pipeline's statistics"
+    pipes = get_swav_aug_pipelines(num_crops=[2, 3], crop_sizes=[16, 8], min_scales=[0.3, 0.05], max_scales=[1., 0.3])
+    cb = SWAV(pipes, [0, 1], K=None)
+    assert cb._aug_groups == [(0, 2), (2, 5)]
+    torch.manual_seed(0)
+    x = torch.rand(2048, 3, 20, 20)
+    crops = cb._make_crops(x)
+    assert [tuple(c.shape) for c in crops] == [(2048, 3, 16, 16)] * 2 + [(2048, 3, 8, 8)] * 3
+    for i, j in [(0, 1), (2, 3), (3, 4), (2, 4)]: assert not torch.allclose(crops[i], crops[j])
+    one_by_one = [p(x) for p in pipes]   # the same distribution as pipeline by pipeline: normalised pixels' mean and spread
+    for c, d in zip(crops, one_by_one):
+        assert abs(c.mean() - d.mean()) < 0.12 and abs(c.std() / d.std() - 1) < 0.1   # seeds 0-5: at most 0.07 and 0.06
+    same = get_swav_aug_pipelines(num_crops=[2, 3], crop_sizes=[16, 8], min_scales=[0.3, 0.05], max_scales=[1., 0.3], same_on_batch=True)
+    assert SWAV(same, [0, 1], K=None)._aug_groups == [(i, i + 1) for i in range(5)]
 
 
 def test_print_augs(tiny_dls, capsys):
