@@ -4,8 +4,11 @@ torchvision multi-crop, as the official SwAV code and lightly do it.
 Every contender turns the same uint8 images into all crops of the recipe (by default 2 large + 6 small, the official
 colour distortion, grayscale, blur, flip, normalisation) and hands back one float batch per crop:
 
-* `project`: `get_swav_aug_pipelines(...)`, each pipeline applied to the whole batch (`x.float() / 255` included),
-  on `--device`.
+* `project`: `get_swav_aug_pipelines(...)` on the whole batch (`x.float() / 255` included), on `--device`, as
+  `SWAV._make_crops` applies them: for each group of identical pipelines, `RandomResizedCrop` once per crop, then the
+  rest of the pipeline in one call on the concatenated crops.
+* `project-ungrouped`: the same pipelines called one after the other, one call per crop (`SWAV._make_crops` before
+  commit c374bd5): what grouping saves.
 * `official`: the official `MultiCropDataset` transform written plainly below (torchvision `RandomResizedCrop`,
   flip, `RandomApply(ColorJitter)`, `RandomGrayscale`, PIL Gaussian blur, `ToTensor`, `Normalize`), image by image
   from PIL images, then stacked into batches.
@@ -27,14 +30,13 @@ import statistics
 import sys
 import time
 import warnings
-from functools import partial
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (CONFIGS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available, lightly_transform,  # noqa: E402
-                        flat, make_crops_grouped, make_images, paired_ratio, swav_augs, sync)
+from bench_step import (CONFIGS, CROP_IDS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available,  # noqa: E402
+                        lightly_transform, flat, make_images, paired_ratio, swav_augs, sync)
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -76,11 +78,12 @@ class _PerImage(torch.utils.data.Dataset):
 
 # ---- contenders
 class ProjectAugs:
-    "The project's pipelines on whole batches: one call per crop (`SWAV._make_crops`), or grouped (`--optimized`)"
-    def __init__(self, a, images: Tensor, threads: int, grouped: bool = False):
-        self.a, self.images, self.threads, self.augs = a, images, threads, swav_augs(a)
-        self.name = "project+opt" if grouped else "project"
-        self.make_crops = partial(make_crops_grouped, self) if grouped else lambda x: [aug(x) for aug in self.augs]
+    "The project's pipelines on whole batches: as `SWAV._make_crops` groups them, or one call per crop (`grouped=False`)"
+    def __init__(self, a, images: Tensor, threads: int, grouped: bool = True):
+        from self_supervised_swav.swav import SWAV
+        self.a, self.images, self.threads, augs = a, images, threads, swav_augs(a)
+        self.name = "project" if grouped else "project-ungrouped"
+        self.make_crops = SWAV(augs, CROP_IDS, K=None)._make_crops if grouped else lambda x: [aug(x) for aug in augs]
     def run(self, n: int) -> list[float]:
         old = torch.get_num_threads(); torch.set_num_threads(self.threads)
         try:
@@ -132,8 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="1,all", help="1: one thread/process each; all: all cores (see the docstring)")
     p.add_argument("--batches", type=int, default=3, help="Timed batches per round and contender")
     p.add_argument("--rounds", type=int, default=6, help="Interleaved rounds (the order of the contenders rotates)")
-    p.add_argument("--optimized", action="store_true", help="Add `project+opt`: identical pipelines grouped into one "
-                   "call on the repeated batch (`bench_step.make_crops_grouped`, recommended in BENCHMARKS.md)")
+    p.add_argument("--contenders", default="project,project-ungrouped,official,lightly",
+                   help="Comma-separated subset of project, project-ungrouped, official, lightly (project is always run: "
+                   "the ratios are to it)")
     p.add_argument("--json", help="Also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
     a = p.parse_args(argv)
@@ -149,14 +153,17 @@ def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     cores = os.cpu_count() or 1
     images = make_images(a.bs * (a.batches + cores), a.img_size)   # enough for the workers' dropped first batches
-    have_lightly = lightly_available()
-    if not have_lightly: print(LIGHTLY_MISSING)
+    names = {c for c in a.contenders.split(",") if c} | {"project"}
+    if "lightly" in names and not lightly_available():
+        print(LIGHTLY_MISSING); names.remove("lightly")
     rows = []
     for mode in a.modes.split(","):
         threads, workers = (1, 0) if mode == "1" else (cores, cores)
-        contenders = [ProjectAugs(a, images, threads), PerImageAugs("official", a, images, official_transform(a), workers)]
-        if a.optimized: contenders.insert(1, ProjectAugs(a, images, threads, grouped=True))
-        if have_lightly: contenders.append(PerImageAugs("lightly", a, images, lightly_transform(a), workers))
+        make = {"project": lambda: ProjectAugs(a, images, threads),
+                "project-ungrouped": lambda: ProjectAugs(a, images, threads, grouped=False),
+                "official": lambda: PerImageAugs("official", a, images, official_transform(a), workers),
+                "lightly": lambda: PerImageAugs("lightly", a, images, lightly_transform(a), workers)}
+        contenders = [f() for n, f in make.items() if n in names]
         times = {c.name: [] for c in contenders}
         for r in range(a.rounds):
             for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:   # order rotates

@@ -33,7 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--protos", default="300,3000,30000", help="Numbers of prototypes (protos sweep)")
     p.add_argument("--queues", help="Queue lengths per assignment crop, 0 for none (queue sweep); "
                    "default 0, the config's, 3840")
-    p.add_argument("--optimized", action="store_true", help="Add `project+opt` (bench_step.apply_recommended)")
     p.set_defaults(steps=2, rounds=2)   # many points: fewer rounds each than bench_step.py
     a = finish_args(p.parse_args(argv))
     if a.tiny: a.small_crop_counts, a.protos, a.queues = "2,4", "10,40", "0,8"
@@ -45,7 +44,6 @@ def point(a: argparse.Namespace, queue: int) -> dict:
     "Project (queue `queue`, 0: none) and floor at the settings of `a`, interleaved"
     images = make_images(n_images(argparse.Namespace(**{**vars(a), "queue": max(queue, a.queue)})), a.img_size, a.seed)
     contenders = [Project(a, images, queue), Floor(a, images)]
-    if a.optimized: contenders.append(Project(a, images, queue, "project+opt", optimized=True))
     times = run_interleaved(contenders, a)
     row = {name: median_ms(flat(rounds)) for name, rounds in times.items()}
     row["overhead"] = row["project"] - row["floor"]
@@ -72,15 +70,14 @@ def main(argv=None) -> list[dict]:
 
 
 def report(a: argparse.Namespace, rows: list[dict]):
-    opt = a.optimized
     print(f"Cost growth of the project's step (queue {a.queue} unless varied): {describe(a)}")
     for sweep in dict.fromkeys(r["sweep"] for r in rows):
         name = dict(crops="small crops", protos="n_protos", queue="queue length")[sweep]
-        print(f"\n| {name} | project ms | floor ms | overhead ms | project/floor |" + (" project+opt ms |" if opt else ""))
-        print("|---|---|---|---|---|" + ("---|" if opt else ""))
+        print(f"\n| {name} | project ms | floor ms | overhead ms | project/floor |")
+        print("|---|---|---|---|---|")
         for r in (r for r in rows if r["sweep"] == sweep):
             print(f"| {r['value']} | {r['project']:.0f} | {r['floor']:.0f} | {r['overhead']:.0f} | "
-                  f"{r['ratio']:.2f} |" + (f" {r['project+opt']:.0f} |" if opt else ""))
+                  f"{r['ratio']:.2f} |")
 
 
 if __name__ == "__main__": main()

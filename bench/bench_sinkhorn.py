@@ -65,8 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="float32,bfloat16", help="Dtypes of the scores")
     p.add_argument("--repeats", type=int, default=5, help="Timed calls per contender and size")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default (all cores)")
-    p.add_argument("--optimized", action="store_true", help="Add `project+opt`: `sinkhorn_knopp` with the changes "
-                   "recommended in BENCHMARKS.md (a local copy, `sinkhorn_recommended`)")
     p.add_argument("--json", help="Also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
     a = p.parse_args(argv)
@@ -82,36 +80,6 @@ def scores_for(n: int, n_protos: int, device: torch.device, seed: int = 0) -> Te
     z = F.normalize(torch.randn(n, 128, generator=g), dim=1)
     w = F.normalize(torch.randn(n_protos, 128, generator=g), dim=1)
     return (z @ w.t()).to(device)
-
-
-# ---- the recommended changes, measured here before they go into the notebook
-@torch.no_grad()
-def sinkhorn_recommended(scores: Tensor, eps: float = EPS, n_iters: int = N_ITERS, keep_last: int | None = None) -> Tensor:
-    """`sinkhorn_knopp` (less the distributed all-reduces) with the changes recommended in BENCHMARKS.md:
-    `(s - proto_max) / eps` in one pass (`torch.add` with `alpha`) instead of two, and with `keep_last`, only the last
-    `keep_last` samples scaled at the end (the batch after its queue, in `swav_codes`), not the queue's rows as well.
-    (Fusing the float32 cast into that pass as well, `torch.add(float32, bf16)`, measured slower: CPU mixed-dtype loops.)"""
-    s = scores.float() if scores.ndim == 3 else scores.float()[None]      # [A, B, K]
-    n_samples, n_protos = s.shape[1], s.shape[2]
-    proto_max = s.amax(dim=1, keepdim=True)                               # [A, 1, K]
-    q = torch.add(proto_max.div_(-eps), s, alpha=1 / eps)                 # (s - max) / eps: one pass, fresh buffer
-    sample_max = q.amax(dim=2, keepdim=True)
-    q.sub_(sample_max).exp_()
-    v = sample_max.exp_()
-    for _ in range(n_iters):
-        u = torch.bmm(v.transpose(1, 2), q).mul_(n_protos).reciprocal_()
-        v = torch.bmm(q, u.transpose(1, 2)).mul_(n_samples).reciprocal_()
-    if keep_last is not None: q, v = q[:, -keep_last:], v[:, -keep_last:]
-    q = q.mul(u) if keep_last is not None else q.mul_(u)
-    q.mul_(v.mul_(n_samples))
-    return q if scores.ndim == 3 else q[0]
-
-
-def codes_recommended(scores: Tensor, bs: int, crop_assgn_ids, queue_scores: Tensor | None = None) -> Tensor:
-    "`swav_codes` with the recommended changes: rows picked without an index tensor, only the batch's codes scaled"
-    out = torch.stack([scores.detach().view(-1, bs, scores.shape[-1])[i] for i in crop_assgn_ids])
-    if queue_scores is None: return sinkhorn_recommended(out)
-    return sinkhorn_recommended(torch.cat([queue_scores.to(out.dtype), out], dim=1), keep_last=bs)
 
 
 def _time(fn, device: torch.device) -> float:
@@ -152,11 +120,9 @@ def main(argv=None) -> list[dict]:
                 if queue:
                     fns = dict(project=lambda: swav_codes(s, bs, [0, 1], EPS, N_ITERS, qs),
                                official=lambda: official_codes(s, qs, bs))
-                    if a.optimized: fns["project+opt"] = lambda: codes_recommended(s, bs, [0, 1], qs)
                     ref = lambda: official_codes(s.double(), qs.double(), bs)
                 else:
                     fns = dict(project=lambda: sinkhorn_knopp(s, EPS, N_ITERS), official=lambda: official_sinkhorn(s))
-                    if a.optimized: fns["project+opt"] = lambda: sinkhorn_recommended(s)
                     ref = lambda: official_sinkhorn(s.double())
                 row = bench_case(a, label, fns, ref)
                 row.update(K=n_protos, dtype=str(dtype).replace("torch.", ""))
@@ -171,17 +137,13 @@ def main(argv=None) -> list[dict]:
 
 
 def report(a, rows: list[dict]):
-    opt = a.optimized
     print(f"Sinkhorn-Knopp ({N_ITERS} iterations, eps {EPS}) on {a.device}, {torch.get_num_threads()} torch threads: "
           f"median of {a.repeats} interleaved calls; speed-up = official ms / project ms (> 1: project faster)")
-    print("| K | dtype | scores | project ms | official ms | speed-up |" + (" project+opt ms | opt speed-up |" if opt else "")
-          + " project max err | official max err |")
-    print("|---|---|---|---|---|---|" + ("---|---|" if opt else "") + "---|---|")
+    print("| K | dtype | scores | project ms | official ms | speed-up | project max err | official max err |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        line = (f"| {r['K']} | {r['dtype']} | {r['case']} | {r['project_ms']:.2f} | {r['official_ms']:.2f} | "
-                f"{r['official_ms'] / r['project_ms']:.2f} |")
-        if opt: line += f" {r['project+opt_ms']:.2f} | {r['official_ms'] / r['project+opt_ms']:.2f} |"
-        print(line + f" {r['project_err']:.1e} | {r['official_err']:.1e} |")
+        print(f"| {r['K']} | {r['dtype']} | {r['case']} | {r['project_ms']:.2f} | {r['official_ms']:.2f} | "
+              f"{r['official_ms'] / r['project_ms']:.2f} | {r['project_err']:.1e} | {r['official_err']:.1e} |")
 
 
 if __name__ == "__main__": main()

@@ -16,8 +16,7 @@ Each contender runs `--warmup + --steps` steps per round; rounds are interleaved
 each round, so that load from other processes hits all alike. Step times are medians over all rounds' timed steps;
 ratios (`project/lightly` throughput, `project/floor` step time) are medians over rounds of the ratio within a round,
 so that load drifting between rounds cancels, and are only meaningful within one run. Step time is the time between
-the ends of consecutive steps, so it includes waiting for the next batch. With `--optimized`, `project+opt` is the
-project with the changes recommended in BENCHMARKS.md, monkeypatched (`apply_recommended`).
+the ends of consecutive steps, so it includes waiting for the next batch.
 
     python bench/bench_step.py                        # CPU config: 2x64 + 6x32 px crops, batch 32, queue on and off
     python bench/bench_step.py --config gpu --device cuda   # 2x224 + 6x96 px, batch 256
@@ -95,8 +94,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, help="lightly's DataLoader workers; default from --config")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help="Comma-separated subset of " + ",".join(CONTENDERS))
     p.add_argument("--queue-modes", default="off,on", help="Comma-separated: off (no queue) and/or on (a full queue)")
-    p.add_argument("--optimized", action="store_true", help="Add `project+opt`: the project with the changes "
-                   "recommended in BENCHMARKS.md, monkeypatched (see `apply_recommended`)")
     p.add_argument("--memory", action="store_true", help="Peak memory: run each contender alone in a fresh process")
     p.add_argument("--profile", action="store_true", help="Print a torch.profiler table of the project's steps")
     p.add_argument("--only", help=argparse.SUPPRESS)   # internal: one contender in this process (--memory)
@@ -198,7 +195,7 @@ class _ChannelsLast:
 
 class Project:
     "The project as a user runs it: `Learner` + `SWAV`, `learn.fit(1)` for each round"
-    def __init__(self, a: argparse.Namespace, images: Tensor, queue: int, name: str = "project", optimized: bool = False):
+    def __init__(self, a: argparse.Namespace, images: Tensor, queue: int, name: str = "project"):
         from fastai.callback.progress import ProgressCallback  # noqa: F401  (adds Learner.no_bar)
         from fastai.data.core import DataLoaders, TfmdDL
         from fastai.data.transforms import IntToFloatTensor
@@ -216,12 +213,10 @@ class Project:
         if a.channels_last: cbs.append(_ChannelsLast.make())
         self.learn = Learner(DataLoaders(dl(), dl(), device=a.device), self.model, loss_func=_set_by_swav, cbs=cbs,
                              opt_func=partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9), lr=0.05)
-        self.patches = contextlib.nullcontext
-        if optimized: self.patches = partial(apply_recommended, self.learn)
 
     def run(self, n: int) -> list[float]:
         self.timer.n = n
-        with self.learn.no_bar(), self.learn.no_logging(), self.patches(): self.learn.fit(1)
+        with self.learn.no_bar(), self.learn.no_logging(): self.learn.fit(1)
         return self.timer.times
 
 
@@ -342,88 +337,6 @@ class Floor:
 CLASSES = dict(project=Project, lightly=Lightly, floor=Floor)
 
 
-# ---- the recommended changes (see BENCHMARKS.md), applied by monkeypatching the installed library
-_PATCHED = []
-
-
-@contextlib.contextmanager
-def apply_recommended(learn=None):
-    "Patch `self_supervised_swav.swav` with the changes recommended in BENCHMARKS.md while the block runs (re-entrant)"
-    if _PATCHED: yield; return
-    from self_supervised_swav import swav as S
-    patches = {(S.SWAV, "_make_crops"): make_crops_grouped, (S.SWAV, "_enqueue"): enqueue_no_index,
-               (S, "swav_codes"): swav_codes_no_index, (S, "swav_loss"): swav_loss_no_index}
-    saved = {k: getattr(*k) for k in patches}
-    for (o, name), f in patches.items(): setattr(o, name, f)
-    _PATCHED.append(True)
-    try: yield
-    finally:
-        _PATCHED.pop()
-        for (o, name), f in saved.items(): setattr(o, name, f)
-
-
-def _rows(t: Tensor, ids) -> Tensor:
-    "`t[ids]` for a list of ints without an index tensor: on a GPU, `t[list]` copies the list to the device and syncs"
-    return torch.stack([t[i] for i in ids])
-
-
-@torch.no_grad()
-def swav_codes_no_index(scores: Tensor, bs: int, crop_assgn_ids, eps: float = 0.05, n_iters: int = 3,
-                        queue_scores: Tensor | None = None) -> Tensor:
-    "Recommended `swav_codes`: `_rows` instead of indexing with a list (no host-to-device copy)"
-    from self_supervised_swav.swav import sinkhorn_knopp
-    out = _rows(scores.detach().view(-1, bs, scores.shape[-1]), crop_assgn_ids)
-    if queue_scores is not None: out = torch.cat([queue_scores.to(out.dtype), out], dim=1)
-    return sinkhorn_knopp(out, eps=eps, n_iters=n_iters)[:, -bs:]
-
-
-def swav_loss_no_index(scores: Tensor, codes: Tensor, crop_assgn_ids, temp: float = 0.1) -> Tensor:
-    "Recommended `swav_loss`: drop each code's own crop by subtracting it, not with a mask indexed by CPU tensors"
-    n_assign, bs, n_protos = codes.shape
-    n_crops = scores.shape[0] // bs
-    log_p = F.log_softmax(scores.float().view(n_crops, bs, n_protos) / temp, dim=-1)
-    ce = -(codes.reshape(n_assign, -1) @ log_p.reshape(n_crops, -1).T) / bs      # [A, n_crops]
-    own = torch.stack([ce[a, i] for a, i in enumerate(crop_assgn_ids)])          # CE of a crop with its own codes
-    return (ce.sum(1) - own).div(n_crops - 1).mean()
-
-
-@torch.no_grad()
-def enqueue_no_index(self, embedding: Tensor, bs: int):
-    "Recommended `SWAV._enqueue`: `_rows` instead of indexing with a list"
-    m = self.swav_model
-    new = _rows(embedding.detach().view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids).to(m.queue.dtype)
-    m.queue.copy_(torch.cat([new, m.queue], dim=1)[:, :self.K])
-    self._queue_len = min(self.K, self._queue_len + bs)
-    m.queue_len.fill_(self._queue_len)
-
-
-def pipeline_key(p) -> tuple | None:
-    "Pipelines with equal keys draw crops from one distribution; None: this pipeline cannot serve several crops per call"
-    from self_supervised_swav.augmentations import BatchNormalize, KorniaTfm
-    for t in p.fs:   # kornia draws per-sample parameters unless same_on_batch; other transforms may draw per call
-        if not isinstance(t, (KorniaTfm, BatchNormalize)) or getattr(getattr(t, "aug", None), "same_on_batch", False): return None
-    return tuple((type(t).__name__, repr(t), getattr(t, "rgb_only", None)) for t in p.fs)   # kornia reprs hold the parameters
-
-
-def pipeline_groups(augs) -> list[tuple[int, int]]:
-    "(start, end) ranges of consecutive pipelines with the same (not None) key"
-    keys, groups, start = [pipeline_key(p) for p in augs], [], 0
-    for i in range(1, len(augs) + 1):
-        if i == len(augs) or keys[i] is None or keys[i] != keys[start]:
-            groups.append((start, i)); start = i
-    return groups
-
-
-def make_crops_grouped(self, x: Tensor) -> list[Tensor]:
-    "Recommended `SWAV._make_crops`: one call per group of identical pipelines, on the batch repeated, then split"
-    x = x.as_subclass(Tensor) if isinstance(x, Tensor) else x
-    if getattr(self, "_aug_groups", None) is None: self._aug_groups = pipeline_groups(self.augs)   # SWAV.__init__ in the library
-    crops = []
-    for s, e in self._aug_groups:
-        crops += [self.augs[s](x)] if e - s == 1 else list(self.augs[s](x.repeat(e - s, 1, 1, 1)).chunk(e - s))
-    return crops
-
-
 # ---- running and reporting
 def run_interleaved(contenders: list, a: argparse.Namespace) -> dict[str, list[list[float]]]:
     "All contenders `a.rounds` times in turn, the order rotating each round; each round's first `a.warmup` steps dropped"
@@ -461,7 +374,6 @@ def bench_speed(a: argparse.Namespace) -> list[dict]:
     for mode in [m for m in a.queue_modes.split(",") if m]:
         queue = a.queue if mode == "on" else 0
         contenders = [CLASSES[n](a, images, queue) for n in names]
-        if a.optimized and "project" in names: contenders.append(Project(a, images, queue, "project+opt", optimized=True))
         print(f"queue {mode}{f' ({queue} per assignment crop)' if queue else ''}:", file=sys.stderr, flush=True)
         times = run_interleaved(contenders, a)
         for name, rounds in times.items():
@@ -602,14 +514,9 @@ def count_syncs(c: "Project", a: argparse.Namespace) -> float:
 def profile_project(a: argparse.Namespace, rows: int = 25):
     "The project's step (queue on): phase times without profiler, then torch.profiler operator tables"
     images = make_images(n_images(a), a.img_size, a.seed)
-    c = Project(a, images, a.queue, optimized=a.optimized)
-    print(f"Project step, queue {a.queue}{', optimized' if a.optimized else ''}: {describe(a)}")
-    with apply_recommended() if a.optimized else contextlib.nullcontext():   # outside the phase hooks: they wrap it
-        _profile(c, a, rows)
-
-
-def _profile(c: "Project", a: argparse.Namespace, rows: int):
     from torch.profiler import ProfilerActivity, profile, record_function
+    c = Project(a, images, a.queue)
+    print(f"Project step, queue {a.queue}: {describe(a)}")
     shares, step_ms = phase_times(c, a)
     print(f"Phases (timed without profiler; % of the round's time, median over rounds; step {step_ms:.0f} ms):")
     print("| phase | % of step | ms per step |\n|---|---|---|")
