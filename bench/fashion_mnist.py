@@ -63,6 +63,31 @@ def encoder_features(encoder, x, y, tfm, bs=512):
     return extract_features(encoder, dl, tfm=tfm, normalize=False)[0]
 
 
+def build_encoder(args) -> torch.nn.Module:
+    "The encoder of the settings: a timm or fastai architecture, for timm ResNets optionally narrower and without the stem's max-pool"
+    if args.channels is None and not args.no_stem_pool: return create_encoder(args.arch, pretrained=False, n_in=1, pool_type=args.pool)
+    import timm
+    kw = {} if args.channels is None else dict(channels=tuple(args.channels), stem_width=args.channels[0] // 2)
+    encoder = timm.create_model(args.arch, pretrained=False, num_classes=0, in_chans=1, global_pool=args.pool, **kw)
+    if args.no_stem_pool: encoder.maxpool = torch.nn.Identity()   # 28 px images: keep 14x14 maps in the first stage
+    return encoder
+
+
+@torch.no_grad()
+def recalibrate_bn(encoder, x, tfm, bs=512):
+    "Recompute the BatchNorm running statistics of `encoder` on full-size images `x` (pretraining mixed them with small crops'); in place"
+    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns: return encoder
+    momenta = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None   # cumulative average over the batches
+    was_training = encoder.training
+    encoder.train()
+    for i in range(0, len(x), bs): encoder(tfm(x[i:i + bs]))
+    encoder.train(was_training)
+    for m, mom in zip(bns, momenta): m.momentum = mom
+    return encoder
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_fashion_mnist()
@@ -76,7 +101,7 @@ def main(args):
     augs = get_swav_aug_pipelines(num_crops=args.num_crops, crop_sizes=args.crop_sizes, min_scales=args.min_scales,
                                   max_scales=args.max_scales, stats=STATS, jitter_s=args.jitter_s, blur=False)
     tfm = pipeline_normalization(augs)
-    encoder = create_encoder(args.arch, pretrained=False, n_in=1)
+    encoder = build_encoder(args)
 
     if not args.skip_baselines:
         print("== evaluation of the baselines", flush=True)
@@ -84,7 +109,7 @@ def main(args):
         results["random_encoder"] = evaluate("(b) random encoder", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                              encoder_features(encoder, x_test, y_test, tfm), y_test, args)
 
-    print(f"== SwAV pretraining: {args.arch}, {args.epochs} epochs on {len(x_train)} unlabelled images", flush=True)
+    print(f"== SwAV pretraining: {args.arch} (channels {args.channels}, stem max-pool {not args.no_stem_pool}), {args.epochs} epochs on {len(x_train)} unlabelled images", flush=True)
     # labels are not used by SwAV: the pretraining DataLoaders get zeros (fastai needs a target to compute a loss)
     dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device="cpu", num_workers=0)
     mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device="cpu", num_workers=0)
@@ -103,6 +128,10 @@ def main(args):
     print("== evaluation of the pretrained encoder", flush=True)
     results["pretrained_encoder"] = evaluate("(a) SwAV-pretrained", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                              encoder_features(encoder, x_test, y_test, tfm), y_test, args)
+    if args.bn_recal:
+        recalibrate_bn(encoder, x_train[:args.bn_recal], tfm)
+        results["pretrained_encoder_bn_recalibrated"] = evaluate("(a') BN recalibrated", encoder_features(encoder, x_train, y_train, tfm), y_train,
+                                                                 encoder_features(encoder, x_test, y_test, tfm), y_test, args)
     if args.save_encoder:
         from self_supervised_swav.finetune import save_encoder
         save_encoder(encoder, args.save_encoder, arch=args.arch, n_in=1)
@@ -116,16 +145,21 @@ def main(args):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet10t")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--channels", type=int, nargs=4, default=[32, 64, 128, 256], help="widths of the 4 stages of a timm ResNet (resnet10t: 64 128 256 512)")
+    p.add_argument("--stem_pool", dest="no_stem_pool", action="store_false", help="keep the max-pool of the stem (timm's resnet10t as it is)")
+    p.add_argument("--no_stem_pool", action="store_true", default=True, help="drop the max-pool of a timm ResNet's stem (finer feature maps)")
+    p.add_argument("--pool", default="avg", help="global pooling (avg, catavgmax, ...); at 28 px resnet10t's last map is 1x1, so both give the same features")
+    p.add_argument("--bn_recal", type=int, default=60000, help="also evaluate after recomputing BatchNorm statistics on this many full-size training images")
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--bs", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--wd", type=float, default=1e-2)
     p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
     p.add_argument("--crop_sizes", type=int, nargs="+", default=[28, 14])
-    p.add_argument("--min_scales", type=float, nargs="+", default=[0.3, 0.1])
+    p.add_argument("--min_scales", type=float, nargs="+", default=[0.5, 0.2])
     p.add_argument("--max_scales", type=float, nargs="+", default=[1.0, 0.4])
     p.add_argument("--jitter_s", type=float, default=0.5)
-    p.add_argument("--n_protos", type=int, default=100)
+    p.add_argument("--n_protos", type=int, default=30)
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--projection_size", type=int, default=128)
     p.add_argument("--K", type=int, default=0, help="queue length; 0: no queue")

@@ -33,7 +33,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     import fastai.callback.schedule  # Learner.fit_one_cycle
 
     from self_supervised_swav.data import digits_images, image_tensor_dls
-    from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization
+    from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.finetune import save_encoder
     from self_supervised_swav.layers import create_encoder
     from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
@@ -247,7 +247,9 @@ def _run(s: SimpleNamespace) -> dict:
         if labelled: print(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
         learn = _learner(s, encoder, dls, labelled, augs, freeze)
         learn.fit_one_cycle(s.epochs, s.lr)
+        recalibrate_bn(encoder, dls.train, tfm)   # BatchNorm statistics of full-size images, not a mix with the small crops'
         knn_pretrained = _knn(encoder, dls, tfm) if labelled else None
+    print(f"BatchNorm statistics recomputed on the {n_train} training images at full size")
     if labelled: print(f"kNN top-1 (k=20) of the pretrained encoder: {_fmt(knn_pretrained)} (random init: {_fmt(knn_random)})")
     save_encoder(learn, out / "encoder.pth", arch=s.arch, n_in=n_in, pool_type="catavgmax")
     results = dict(settings=vars(s), data=dict(description=what, n_train=n_train, n_valid=n_valid, n_in=n_in, labelled=labelled),
@@ -269,7 +271,7 @@ def swav_pretrain(
     epochs: int = 6,                # Training epochs (one-cycle schedule)
     bs: int = 64,                   # Batch size
     lr: float = 1e-3,               # Peak learning rate
-    n_protos: int = 100,            # Number of prototypes (about 10x the number of classes you expect)
+    n_protos: int = 20,             # Number of prototypes: a few times the number of classes you expect, below --bs without a queue
     K: int = 0,                     # Queue length per assignment crop; 0: no queue
     queue_start_pct: float = 0.25,  # Fraction of training after which the queue starts filling
     eps: float = 0.05,              # Sinkhorn epsilon

@@ -22,7 +22,7 @@ from fastai.torch_core import get_model
 from .augmentations import BatchNormalize
 
 # %% auto #0
-__all__ = ['extract_features', 'pipeline_normalization', 'knn_predict', 'knn_accuracy', 'features_knn_accuracy',
+__all__ = ['extract_features', 'pipeline_normalization', 'recalibrate_bn', 'knn_predict', 'knn_accuracy', 'features_knn_accuracy',
            'linear_probe_accuracy', 'KNNMonitor', 'PrototypeUsage', 'collapse_warning', 'PrototypeUsageMonitor']
 
 # %% ../nbs/04_evaluation.ipynb #c006
@@ -77,6 +77,30 @@ def pipeline_normalization(
     if not isinstance(pipe, Pipeline): raise TypeError(f"aug_pipelines must be a fastai Pipeline or a list of them, got {type(pipe).__name__}")
     norms = [t for t in pipe.fs if isinstance(t, BatchNormalize)]
     return Pipeline(norms) if norms else None
+
+# %% ../nbs/04_evaluation.ipynb #c012b
+def recalibrate_bn(
+    encoder: nn.Module,            # Encoder whose BatchNorm running statistics are recomputed, in place
+    dl: Iterable,                  # Yields `(images, ...)` batches of full-size images (labels are ignored)
+    tfm: Callable | None = None,   # Applied to each image batch before the encoder (e.g. normalisation)
+    max_batches: int | None = None, # Use only the first batches; None: all of `dl`
+) -> nn.Module:
+    "Recompute the running statistics of the BatchNorm layers of `encoder` on `dl`: the average over its batches"
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns: return encoder
+    momenta, dev, n = [m.momentum for m in bns], _device(encoder), 0
+    with _preserve_state(encoder):
+        encoder.train()
+        for m in bns: m.reset_running_stats(); m.momentum = None   # cumulative average
+        try:
+            for b in _ordered(dl):
+                if max_batches is not None and n >= max_batches: break
+                x = b[0].as_subclass(Tensor).to(dev)
+                encoder(tfm(x) if tfm is not None else x); n += 1
+        finally:
+            for m, mom in zip(bns, momenta): m.momentum = mom
+    if n == 0: raise ValueError("dl yielded no batches: the BatchNorm statistics were reset and not recomputed.")
+    return encoder
 
 # %% ../nbs/04_evaluation.ipynb #c014
 @torch.no_grad()

@@ -53,6 +53,21 @@ def test_embedded_default_end_to_end(digits_run):
     assert res["knn_top1_pretrained"] == saved["knn_top1_pretrained"]
 
 
+def test_saved_encoder_has_full_size_batchnorm_statistics(digits_run):
+    "The saved encoder's BatchNorm statistics are those of the full-size training images, not a mix with the small crops'"
+    from self_supervised_swav.cli import GRAY_STATS, embedded_dls
+    from self_supervised_swav.evaluation import recalibrate_bn
+    from self_supervised_swav.augmentations import BatchNormalize
+    from fastai.data.core import Pipeline
+    _, out = digits_run
+    enc = load_encoder(create_encoder("resnet10t", pretrained=False, n_in=1), out / "encoder.pth")
+    saved = {k: v.clone() for k, v in enc.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    dls = embedded_dls(16, 48, 0.2, 42, max_images=240)   # the run's data: same size, split and seed
+    recalibrate_bn(enc, dls.train, Pipeline([BatchNormalize(*GRAY_STATS)]))
+    for k, v in enc.state_dict().items():
+        if k in saved: torch.testing.assert_close(v, saved[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_labelled_folder_end_to_end(tmp_path):
     root = make_folder(tmp_path / "imgs")
     res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), valid_pct=0.25, workers=0, **TINY)
