@@ -5,8 +5,14 @@ Data: Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 /usr/share/datasets/fashion-mnist/. Pretraining uses the 60k training images without their labels; labels are
 used only by the evaluations (and by the kNN monitor, on 6k training images).
 
-    .venv/bin/python bench/fashion_mnist.py                  # the configuration reported in BENCHMARKS.md
-    .venv/bin/python bench/fashion_mnist.py --n_train 10000 --epochs 2 --out /tmp/fm.json   # a quick look
+    .venv/bin/python bench/fashion_mnist.py                  # the configuration reported in BENCHMARKS.md (~25 min, 1 CPU core)
+    .venv/bin/python bench/fashion_mnist.py --n_train 10000 --epochs 2 --skip_baselines --out /tmp/fm.json   # a tuning run
+
+The defaults are that configuration: timm's resnet10t at half its widths (32-256) without the stem's max-pool
+(14x14 maps in the first stage of a 28 px image), average pooling, 30 prototypes, crops 2x28 px (area 0.5-1) +
+2x14 px (0.2-0.4), Adam one-cycle lr 2e-3, batch 128, no queue, 3 epochs on one torch thread. The pretrained
+encoder is evaluated as trained (a) and after its BatchNorm statistics are recomputed on the full-size training
+images (a', `recalibrate_bn`). On a GPU (`--device cuda`, the default when there is one) raise `--epochs`.
 """
 from __future__ import annotations
 import argparse, gzip, json, math, os, platform, time
@@ -22,7 +28,7 @@ import fastai.callback.schedule  # fit_one_cycle
 
 from self_supervised_swav.data import image_tensor_dls
 from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy,
-                                             linear_probe_accuracy, pipeline_normalization)
+                                             linear_probe_accuracy, pipeline_normalization, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 
@@ -60,7 +66,7 @@ def evaluate(name: str, train_feats, y_train, test_feats, y_test, args) -> dict:
 def encoder_features(encoder, x, y, tfm, bs=512):
     "Unnormalised features of all images, in order"
     dl = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
-    return extract_features(encoder, dl, tfm=tfm, normalize=False)[0]
+    return extract_features(encoder, dl, tfm=tfm, normalize=False)[0].cpu()
 
 
 def build_encoder(args) -> torch.nn.Module:
@@ -70,21 +76,6 @@ def build_encoder(args) -> torch.nn.Module:
     kw = {} if args.channels is None else dict(channels=tuple(args.channels), stem_width=args.channels[0] // 2)
     encoder = timm.create_model(args.arch, pretrained=False, num_classes=0, in_chans=1, global_pool=args.pool, **kw)
     if args.no_stem_pool: encoder.maxpool = torch.nn.Identity()   # 28 px images: keep 14x14 maps in the first stage
-    return encoder
-
-
-@torch.no_grad()
-def recalibrate_bn(encoder, x, tfm, bs=512):
-    "Recompute the BatchNorm running statistics of `encoder` on full-size images `x` (pretraining mixed them with small crops'); in place"
-    bns = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns: return encoder
-    momenta = [m.momentum for m in bns]
-    for m in bns: m.reset_running_stats(); m.momentum = None   # cumulative average over the batches
-    was_training = encoder.training
-    encoder.train()
-    for i in range(0, len(x), bs): encoder(tfm(x[i:i + bs]))
-    encoder.train(was_training)
-    for m, mom in zip(bns, momenta): m.momentum = mom
     return encoder
 
 
@@ -101,7 +92,9 @@ def main(args):
     augs = get_swav_aug_pipelines(num_crops=args.num_crops, crop_sizes=args.crop_sizes, min_scales=args.min_scales,
                                   max_scales=args.max_scales, stats=STATS, jitter_s=args.jitter_s, blur=False)
     tfm = pipeline_normalization(augs)
-    encoder = build_encoder(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results["machine"]["device"] = str(device)
+    encoder = build_encoder(args).to(device)
 
     if not args.skip_baselines:
         print("== evaluation of the baselines", flush=True)
@@ -111,12 +104,12 @@ def main(args):
 
     print(f"== SwAV pretraining: {args.arch} (channels {args.channels}, stem max-pool {not args.no_stem_pool}), {args.epochs} epochs on {len(x_train)} unlabelled images", flush=True)
     # labels are not used by SwAV: the pretraining DataLoaders get zeros (fastai needs a target to compute a loss)
-    dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device="cpu", num_workers=0)
-    mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device="cpu", num_workers=0)
+    dls = image_tensor_dls(x_train, torch.zeros(len(x_train), dtype=torch.long), valid_pct=0.02, bs=args.bs, device=device, num_workers=0)
+    mon = image_tensor_dls(x_train[:6000], y_train[:6000], valid_pct=1/6, bs=1000, device=device, num_workers=0)
     model = create_swav_model(encoder, hidden_size=args.hidden_size, projection_size=args.projection_size, n_protos=args.n_protos)
     swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
                 eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
-    learn = Learner(dls, model, cbs=[swav, KNNMonitor(mon.train, mon.valid), PrototypeUsageMonitor()], wd=args.wd)
+    learn = Learner(dls, model.to(device), cbs=[swav, KNNMonitor(mon.train, mon.valid), PrototypeUsageMonitor()], wd=args.wd)
     t, cpu = time.time(), time.process_time()
     learn.fit_one_cycle(args.epochs, args.lr)
     results["pretraining_seconds"] = round(time.time() - t)
@@ -129,7 +122,8 @@ def main(args):
     results["pretrained_encoder"] = evaluate("(a) SwAV-pretrained", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                              encoder_features(encoder, x_test, y_test, tfm), y_test, args)
     if args.bn_recal:
-        recalibrate_bn(encoder, x_train[:args.bn_recal], tfm)
+        n = args.bn_recal
+        recalibrate_bn(encoder, [(x_train[i:i + 512],) for i in range(0, min(n, len(x_train)), 512)], tfm)
         results["pretrained_encoder_bn_recalibrated"] = evaluate("(a') BN recalibrated", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                                                  encoder_features(encoder, x_test, y_test, tfm), y_test, args)
     if args.save_encoder:
@@ -170,6 +164,7 @@ def parse(argv=None):
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--probe_epochs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads spin and run slower)")
+    p.add_argument("--device", default=None, help="cpu or cuda; default: cuda when there is a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
     p.add_argument("--save_encoder", default="", help="also write the pretrained encoder's weights to this file")
