@@ -59,8 +59,9 @@ test-latest: env-latest
 	$(VENV_LATEST)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
 	$(VENV_LATEST)/bin/python -m pytest tests -q
 
+# one torch thread unless OMP_NUM_THREADS says otherwise: on 2 shared cores, two threads wait on each other
 demo: env
-	$(VENV)/bin/swav_pretrain
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/swav_pretrain
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) build dist *.egg-info
