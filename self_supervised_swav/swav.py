@@ -142,6 +142,17 @@ def _float32(t: Tensor):
     "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
     return torch.autocast(device_type=t.device.type, enabled=False)
 
+def _world_rank() -> tuple[int, int]:
+    "(number of processes, this process's rank): (1, 0) without torch.distributed"
+    return (dist.get_world_size(), dist.get_rank()) if _dist_on() else (1, 0)
+
+def _all_gather_stack(t: Tensor) -> Tensor:
+    "Every rank's `t`, stacked along a new first dimension (`t[None]` in a single process)"
+    if not _dist_on(): return t[None]
+    ts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(ts, t.contiguous())
+    return torch.stack(ts)
+
 def _all_reduce(t: Tensor, op=None) -> Tensor:
     "All-reduce `t` in place when torch.distributed runs several processes"
     if _dist_on(): dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
@@ -245,7 +256,7 @@ def set_rng_state_tensor(t: Tensor, dls=None):
     "Restore the random states packed by `rng_state_tensor` (the `DataLoader`s' too when `dls` is given)"
     v = t.cpu().tolist()
     header = v[1:1 + v[0]]
-    n_loaders, n_cuda, lens = header[0], header[1], header[2:]
+    n_loaders, lens = header[0], header[2:]   # header[1]: the number of CUDA states, the parts after the loaders
     parts, start = [], 1 + v[0]
     for n in lens: parts.append(v[start:start + n]); start += n
     torch.set_rng_state(torch.tensor(parts[0], dtype=torch.uint8))
@@ -379,7 +390,7 @@ class SWAV(Callback):
 
     def _take_rank_queue(self):
         "Under DDP: this rank's own queue from `rank_queues` (a checkpoint); never a queue shared by all ranks"
-        m, world, rank = self.swav_model, dist.get_world_size(), dist.get_rank()
+        (world, rank), m = _world_rank(), self.swav_model
         if m.rank_queues.shape[0] == world and m.rank_queues.shape[1:] == m.queue.shape:
             m.queue.copy_(m.rank_queues[rank]); m.queue_len.copy_(m.rank_queue_lens[rank])
         elif int(m.queue_len) > 0:
@@ -390,13 +401,11 @@ class SWAV(Callback):
     @torch.no_grad()
     def _gather_rank_queues(self):
         "Every rank's queue into `rank_queues` on every rank, so that rank 0's checkpoint holds them all"
-        m, world = self.swav_model, dist.get_world_size()
-        queues, lens = [torch.empty_like(m.queue) for _ in range(world)], [torch.empty_like(m.queue_len) for _ in range(world)]
-        dist.all_gather(queues, m.queue.contiguous()); dist.all_gather(lens, m.queue_len.contiguous())
-        m.rank_queues, m.rank_queue_lens = torch.stack(queues), torch.stack(lens)
+        m = self.swav_model
+        m.rank_queues, m.rank_queue_lens = _all_gather_stack(m.queue), _all_gather_stack(m.queue_len)
 
     def _check_K(self):
-        n = len(self.dls.train.dataset) // (dist.get_world_size() if _dist_on() else 1)
+        n = len(self.dls.train.dataset) // _world_rank()[0]
         if self.K > n:
             raise ValueError(f"K={self.K} is larger than the training set ({n} images per process): the queue would "
                              f"hold the same image twice. Use K <= {n}, or K=None for no queue.")
@@ -426,18 +435,13 @@ class SWAV(Callback):
 
     def _save_rng(self):
         "This rank's random state (all ranks' under DDP) into the model's `rng_states`"
-        m, state = self.swav_model, rng_state_tensor(self.dls).to(self.swav_model.rng_states.device)
-        if _dist_on():
-            states = [torch.empty_like(state) for _ in range(dist.get_world_size())]
-            dist.all_gather(states, state)
-            state = torch.stack(states)
-        else: state = state[None]
-        m.rng_states = state
+        m = self.swav_model
+        m.rng_states = _all_gather_stack(rng_state_tensor(self.dls).to(m.rng_states.device))
         m.rng_epoch.fill_(self.epoch)
 
     def _restore_rng(self):
         "This rank's random state from the model, as saved at the end of the previous epoch"
-        m, world, rank = self.swav_model, dist.get_world_size() if _dist_on() else 1, dist.get_rank() if _dist_on() else 0
+        (world, rank), m = _world_rank(), self.swav_model
         if m.rng_states.shape[0] != world:
             warnings.warn(f"The checkpoint holds the random state of {m.rng_states.shape[0]} processes, not {world}: "
                           "the crops and shuffling will not retrace the interrupted run.")
