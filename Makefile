@@ -6,6 +6,9 @@ VENV ?= .venv
 VENV_LATEST ?= .venv-latest
 VENV_DOCS ?= .venv-docs
 LIB := self_supervised_swav
+# notebooks and pytest run in JOBS processes of one torch thread each (tests/conftest.py sets it for pytest-xdist
+# workers): on 2 cores, two processes of two threads wait on each other and take 2-3x as long
+JOBS ?= 2
 # a fingerprint of a folder's files, to check that a tool changed nothing
 fingerprint = find $(1) -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum
 
@@ -51,13 +54,13 @@ test: env
 	@echo "== README.md must match nbs/index.ipynb"
 	$(PYTHON) .ci/nb2md.py --check
 	@echo "== notebooks"
-	$(VENV)/bin/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(VENV)/bin/nbdev_test --n_workers $(JOBS)
 	@echo "== pytest"
-	$(VENV)/bin/python -m pytest tests -q
+	$(VENV)/bin/python -m pytest tests -q -n $(JOBS)
 
 test-latest: env-latest
 	$(VENV_LATEST)/bin/python -c "import fastai, fastcore; print('fastai', fastai.__version__, 'fastcore', fastcore.__version__)"
-	$(VENV_LATEST)/bin/python -m pytest tests -q
+	$(VENV_LATEST)/bin/python -m pytest tests -q -n $(JOBS)
 
 # one torch thread unless OMP_NUM_THREADS says otherwise: on 2 shared cores, two threads wait on each other
 demo: env

@@ -230,11 +230,11 @@ def _run(s: SimpleNamespace) -> dict:
     start = time.time()
     check_settings(s)
     set_seed(s.seed)
-    out = Path(s.output)
-    try: out.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise UsageError(f"cannot create --output {str(out)!r}: {e}") from None
     n_in = 1 if (s.gray or (s.path is None and not s.rgb)) else 3
     encoder, dls, labelled, what, augs = _build(s, n_in)
+    out = Path(s.output)   # created once the data is checked (no empty folder after a mistake), before training
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise UsageError(f"cannot create --output {str(out)!r}: {e}") from None
     tfm, n_train, n_valid = pipeline_normalization(augs), len(dls.train.dataset), len(dls.valid.dataset)
     freeze = s.freeze_protos_iters if s.freeze_protos_iters is not None else len(dls.train)
     crops = " + ".join(f"{n}x{c}px" for n, c in zip(s.num_crops, s.crop_sizes))

@@ -1,11 +1,14 @@
 "Shared fixtures: small real images (scikit-learn digits) and a tiny SwAV setup, fast on 2 CPU cores."
+import os
 import warnings
 import pytest
 import torch
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(2)
+# one torch thread per pytest-xdist worker (two workers on two cores: more threads wait on each other and times
+# triple), both cores for a plain serial run
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

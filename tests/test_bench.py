@@ -1,15 +1,21 @@
-"""The benchmark scripts in bench/ run (each on its `--tiny` configuration, in a subprocess), and the code they
-measure against is right: the plain official Sinkhorn.
+"""The benchmark scripts in bench/ run (each on its `--tiny` configuration), and the code they measure against is
+right: the plain official Sinkhorn.
+
+The scripts are called in this process through their `main(argv)` (a fresh interpreter spends ~10 s importing torch,
+fastai and timm), except for `--memory`, which measures a fresh process and starts one per contender itself, and one
+run as a script to check the `__main__` entry.
 
 Speed is never asserted here: the figures are in BENCHMARKS.md. Without lightly installed (the dev environment),
 the scripts skip lightly's rows with a message, which is checked too.
 """
 from __future__ import annotations
+import importlib
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -17,12 +23,29 @@ sys.path.insert(0, str(BENCH))
 HAVE_LIGHTLY = importlib.util.find_spec("lightly") is not None
 
 
+def check_lightly_message(report: str, lightly_rows: bool):
+    if lightly_rows and not HAVE_LIGHTLY: assert "lightly is not installed" in report
+
+
 def run_script(name: str, *args: str, lightly_rows: bool = True, timeout: float = 600) -> str:
-    "Run `bench/name --tiny args` with this interpreter; its stdout (the report)"
+    "Run `bench/name --tiny args` as a script with this interpreter; its stdout (the report)"
     out = subprocess.run([sys.executable, str(BENCH / name), "--tiny", *args], capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{name} failed:\n{out.stdout}\n{out.stderr[-3000:]}"
-    if lightly_rows and not HAVE_LIGHTLY: assert "lightly is not installed" in out.stdout
+    check_lightly_message(out.stdout, lightly_rows)
     return out.stdout
+
+
+@pytest.fixture
+def run_main(capsys):
+    "Call `bench/name`'s `main(['--tiny', *args])` in this process; its stdout (the report). Torch's thread count is restored"
+    def run(name: str, *args: str, lightly_rows: bool = True) -> str:
+        threads = torch.get_num_threads()
+        try: importlib.import_module(name.removesuffix(".py")).main(["--tiny", *args])
+        finally: torch.set_num_threads(threads)
+        report = capsys.readouterr().out
+        check_lightly_message(report, lightly_rows)
+        return report
+    return run
 
 
 def table_rows(report: str) -> list[list[str]]:
@@ -31,8 +54,8 @@ def table_rows(report: str) -> list[list[str]]:
     return [r for r in rows if not set("".join(r)) <= set("-")][1:]
 
 
-def test_bench_step_speed():
-    rows = table_rows(run_script("bench_step.py"))
+def test_bench_step_speed(run_main):
+    rows = table_rows(run_main("bench_step.py"))
     names = {(r[0], r[1]) for r in rows}
     expected = {"project", "floor"} | ({"lightly"} if HAVE_LIGHTLY else set())
     assert names == {(q, c) for q in ("off", "8") for c in expected}
@@ -45,13 +68,13 @@ def test_bench_step_memory():
     assert all(float(r[3]) >= float(r[1]) > 0 for r in rows)   # max RSS >= RSS after imports
 
 
-def test_bench_step_profile():
-    report = run_script("bench_step.py", "--profile", lightly_rows=False)
+def test_bench_step_profile(run_main):
+    report = run_main("bench_step.py", "--profile", lightly_rows=False)
     assert "| augmentation (SWAV._make_crops) |" in report and "aten::" in report
 
 
-def test_bench_augs():
-    rows = table_rows(run_script("bench_augs.py"))
+def test_bench_augs(run_main):
+    rows = table_rows(run_main("bench_augs.py"))
     assert [r[1] for r in rows] == ["project", "project-ungrouped", "official"] + (["lightly"] if HAVE_LIGHTLY else [])
 
 
@@ -61,8 +84,8 @@ def test_bench_sinkhorn():
     for r in rows: assert float(r[-2]) < 1e-5   # the project's codes match the official algorithm in float64
 
 
-def test_bench_scaling():
-    rows = [r for r in table_rows(run_script("bench_scaling.py", lightly_rows=False)) if r[0].isdigit()]
+def test_bench_scaling(run_main):
+    rows = [r for r in table_rows(run_main("bench_scaling.py", lightly_rows=False)) if r[0].isdigit()]
     assert [int(r[0]) for r in rows] == [2, 4, 10, 40, 0, 8]   # --tiny: small crops, n_protos, queue lengths
 
 
