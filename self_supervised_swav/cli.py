@@ -221,7 +221,8 @@ def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int
     swav = SWAV(augs, crop_assgn_ids=[0, 1], K=s.K or None, queue_start_pct=s.queue_start_pct, temp=s.temp, eps=s.eps,
                 freeze_protos_iters=freeze)
     cbs = [swav, PrototypeUsageMonitor()]
-    if labelled and len(dls.valid.dataset): cbs.append(KNNMonitor(_subset_dl(dls.train, 5000, 1), _subset_dl(dls.valid, 1000, 1)))
+    if labelled and len(dls.valid.dataset):   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
+        cbs.append(KNNMonitor(_subset_dl(dls.train, 5000, 1), _subset_dl(dls.valid, 1000, 1), recalibrate_bn=True))
     learn = Learner(dls, create_swav_model(encoder, n_protos=s.n_protos), cbs=cbs)
     return learn.to_fp16() if s.fp16 else learn
 

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04_evaluation.ipynb #c003
 from __future__ import annotations
+import copy
 import math
 import random
 import warnings
@@ -199,12 +200,13 @@ class KNNMonitor(Callback):
         get_encoder: Callable | None = None, # model -> encoder; None: `model.encoder`
         every: int = 1,                    # Evaluate every `every` epochs (and after the last one)
         metric_name: str = "knn_top1",     # Column name in the table
+        recalibrate_bn: bool = False,      # Evaluate a copy of the encoder with BatchNorm statistics of `train_dl`'s whole images
     ):
         if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
         if not temp > 0: raise ValueError(f"temp must be positive, got {temp!r}")
         if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive int, got {every!r}")
         self.train_dl, self.valid_dl, self.k, self.temp, self.tfm = train_dl, valid_dl, k, temp, tfm
-        self.get_encoder, self.every, self.metric_name = get_encoder, every, metric_name
+        self.get_encoder, self.every, self.metric_name, self.recalibrate_bn = get_encoder, every, metric_name, recalibrate_bn
         self.value, self.values = None, []
         self._metric = ValueMetric(self._value, metric_name)
 
@@ -234,8 +236,11 @@ class KNNMonitor(Callback):
         return pipeline_normalization(swav.augs) if swav is not None else None
 
     def evaluate(self) -> float:
-        "kNN top-1 of the current encoder"
-        return knn_accuracy(self.encoder(), self.train_dl, self.valid_dl, k=self.k, temp=self.temp, tfm=self._tfm())
+        "kNN top-1 of the current encoder (of a copy with recalibrated BatchNorm statistics if `recalibrate_bn`)"
+        encoder, tfm = self.encoder(), self._tfm()
+        if self.recalibrate_bn: encoder = recalibrate_bn(copy.deepcopy(encoder), self.train_dl, tfm)
+        return knn_accuracy(encoder, self.train_dl, self.valid_dl, k=self.k, temp=self.temp, tfm=tfm)
+
 
 # %% ../nbs/04_evaluation.ipynb #c029
 class PrototypeUsage:

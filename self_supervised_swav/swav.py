@@ -307,12 +307,7 @@ class SWAV(Callback):
         print_augs: bool = False,          # Print the pipelines at the start of fit
         resume_rng: bool = True,           # Keep the random state in the model each epoch; restore it when fit resumes
     ):
-        assert_aug_pipelines(aug_pipelines)
-        if len(aug_pipelines) < 2: raise ValueError(f"SwAV needs at least 2 crops (aug_pipelines), got {len(aug_pipelines)}.")
-        self.augs = list(aug_pipelines)
-        self._aug_groups = _pipeline_groups(self.augs)
-        self._group_pipes = [(Pipeline(self.augs[s].fs[:1], split_idx=0), Pipeline(self.augs[s].fs[1:], split_idx=0)) if e - s > 1
-                             else (None, None) for s, e in self._aug_groups]
+        self.augs = aug_pipelines   # checked, and grouped for `_make_crops`, by the setter
         self.crop_assgn_ids = _check_crop_assgn_ids(crop_assgn_ids, len(self.augs))
         if K is not None: _check_positive("K", K, integer=True)
         if not (isinstance(queue_start_pct, (int, float)) and 0 <= queue_start_pct <= 1):
@@ -323,6 +318,22 @@ class SWAV(Callback):
         self.K, self.queue_start_pct, self.temp, self.eps = K, queue_start_pct, temp, eps
         self.n_sinkh_iter, self.freeze_protos_iters, self.print_augs = n_sinkh_iter, freeze_protos_iters, print_augs
         self.resume_rng, self._old_loss_func, self._resume_epoch = resume_rng, None, None
+
+    @property
+    def augs(self) -> list[Pipeline]:
+        "The augmentation pipelines, one per crop; assigning a new list re-checks and re-groups them"
+        return self._augs
+    @augs.setter
+    def augs(self, pipes: list[Pipeline]):
+        assert_aug_pipelines(pipes)
+        if len(pipes) < 2: raise ValueError(f"SwAV needs at least 2 crops (aug_pipelines), got {len(pipes)}.")
+        self._augs = list(pipes)
+        self._plan_crops()
+
+    def _plan_crops(self):
+        "Groups of identical consecutive pipelines, each split into (crop, rest) to run the rest once per group"
+        split = lambda p: (Pipeline(p.fs[:1], split_idx=0), Pipeline(p.fs[1:], split_idx=0))
+        self._crop_plan = [(s, e, *(split(self._augs[s]) if e - s > 1 else (None, None))) for s, e in _pipeline_groups(self._augs)]
 
     # ---- state on the model
     @property
@@ -341,6 +352,9 @@ class SWAV(Callback):
     # ---- fit
     def before_fit(self):
         self._check_model()
+        self._plan_crops()   # pipelines changed in place since construction are grouped anew
+        _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))
+        self._check_codes_batch()
         self._setup_state()
         self._resume_epoch = self._resuming_epoch()
         if self.print_augs: print(*self.augs, sep="\n")
@@ -370,6 +384,16 @@ class SWAV(Callback):
         if not isinstance(protos, nn.Linear):
             raise TypeError("SWAV needs a model with a `prototypes` nn.Linear layer returning (embedding, scores): "
                             "build it with create_swav_model(encoder).")
+
+    def _check_codes_batch(self):
+        "Warn when, without a queue, Sinkhorn must spread every image over several prototypes"
+        n_protos, bs = self.swav_model.prototypes.out_features, (getattr(self.dls.train, "bs", None) or 0) * _world_rank()[0]
+        if self.K is None and 0 < bs < n_protos:
+            warnings.warn(f"SWAV(K=None) computes codes from batches of {bs} images for {n_protos} prototypes: the "
+                          f"equal-use constraint gives each prototype {bs / n_protos:.2g} images' worth of codes, so every "
+                          f"code is spread over at least {n_protos / bs:.1f} prototypes and carries little signal. Use "
+                          f"n_protos <= {bs} (create_swav_model, or swav_pretrain --n_protos), a larger batch, or a queue "
+                          "(K, as the paper does with small batches).")
 
     def _setup_state(self):
         "Create or check the queue buffers on the model; mirror counters on the host"
@@ -460,7 +484,7 @@ class SWAV(Callback):
     def _make_crops(self, x: Tensor) -> list[Tensor]:
         x = x.as_subclass(Tensor) if isinstance(x, Tensor) else x
         crops = []
-        for (s, e), (crop, rest) in zip(self._aug_groups, self._group_pipes):
+        for s, e, crop, rest in self._crop_plan:
             if e - s == 1: crops.append(self.augs[s](x)); continue
             crops += list(rest(torch.cat([crop(x) for _ in range(s, e)])).chunk(e - s))   # crop each, then one call for the rest
         return crops

@@ -70,7 +70,7 @@ def test_saved_encoder_has_full_size_batchnorm_statistics(digits_run):
 
 def test_labelled_folder_end_to_end(tmp_path):
     root = make_folder(tmp_path / "imgs")
-    res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), valid_pct=0.25, workers=0, **TINY)
+    res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), valid_pct=0.25, workers=0, **(TINY | dict(n_protos=8)))
     assert res["data"]["labelled"] and res["data"]["n_in"] == 3 and res["data"]["n_train"] == 18
     assert res["knn_top1_random"] is not None and res["knn_top1_pretrained"] is not None
     load_encoder(create_encoder("resnet10t", pretrained=False, n_in=3), tmp_path / "out" / "encoder.pth")
@@ -78,7 +78,7 @@ def test_labelled_folder_end_to_end(tmp_path):
 
 def test_unlabelled_gray_folder_end_to_end(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=None)
-    res = swav_pretrain(path=str(root), bs=4, gray=True, output=str(tmp_path / "out"), workers=1, **TINY)   # one worker process
+    res = swav_pretrain(path=str(root), bs=4, gray=True, output=str(tmp_path / "out"), workers=1, **(TINY | dict(n_protos=4)))   # one worker
     assert not res["data"]["labelled"] and res["data"]["n_in"] == 1
     assert res["knn_top1_random"] is None and res["knn_top1_pretrained"] is None
     assert "knn_top1" not in res["epochs"][0] and res["epochs"][0]["train_loss"] > 0
@@ -97,7 +97,7 @@ def bad_inputs(root: Path) -> list:
         (["--path", str(root / "missing")], "does not exist"),
         (["--path", str(root / "empty")], "no images in"),
         (["--path", str(root / "broken")], "cannot read image"),
-        (["--path", str(root / "truncated"), "--bs", "2", "--crop_sizes", "16", "8"], "cannot read image"),
+        (["--path", str(root / "truncated"), "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"], "cannot read image"),
         (["--path", str(root / "small")], "crop size 24 px is larger than the smallest image"),
         (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
@@ -116,7 +116,7 @@ def as_kwargs(args: list) -> dict:
     for a in args:
         if a.startswith("--"): key = a[2:]; kw[key] = []
         else: kw[key].append(a)
-    conv = dict(size=int, bs=int, K=int, max_images=int, workers=int, eps=float, jitter_s=float, crop_sizes=lambda v: [int(x) for x in v])
+    conv = dict(size=int, bs=int, n_protos=int, K=int, max_images=int, workers=int, eps=float, jitter_s=float, crop_sizes=lambda v: [int(x) for x in v])
     return {k: True if not v else conv[k](v) if k == "crop_sizes" else conv.get(k, str)(v[0]) for k, v in kw.items()}
 
 

@@ -1,4 +1,5 @@
 "kNN accuracy, linear probe, feature extraction and the two pretraining monitors: properties and edge cases."
+import copy
 import math
 import warnings
 
@@ -10,7 +11,7 @@ from fastai.learner import Learner
 
 from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsage, PrototypeUsageMonitor, collapse_warning,
                                              extract_features, features_knn_accuracy, knn_accuracy, knn_predict,
-                                             linear_probe_accuracy)
+                                             linear_probe_accuracy, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 
@@ -196,7 +197,9 @@ def test_usage_monitor_quiet_on_healthy_model(small_dls):
 
 
 # ---------------------------------------------------------------- KNNMonitor
-def test_knn_monitor_reports_each_epoch_and_changes_nothing(digits16):
+@pytest.mark.parametrize("recalibrate", [False, True])
+def test_knn_monitor_reports_each_epoch_and_changes_nothing(digits16, recalibrate):
+    "With recalibrate_bn, the figure is that of a copy with whole-image BatchNorm statistics; training is the same either way"
     from fastai.torch_core import set_seed
     from self_supervised_swav.data import image_tensor_dls
     x, y = digits16
@@ -209,11 +212,20 @@ def test_knn_monitor_reports_each_epoch_and_changes_nothing(digits16):
         learn.fit(2, 1e-3)
         return learn
     plain = run([])
-    cb = KNNMonitor(mon.train, mon.valid, every=2)
+    cb = KNNMonitor(mon.train, mon.valid, every=2, recalibrate_bn=recalibrate)
     monitored = run([cb])
     assert cb.values[0] is None and 0.1 < cb.values[1] <= 1          # every=2: only after the second epoch
     assert monitored.recorder.metric_names[-2] == "knn_top1"
     for a, b in zip(plain.model.state_dict().values(), monitored.model.state_dict().values()): assert torch.equal(a, b)
+    enc, tfm = copy.deepcopy(monitored.model.encoder), cb._tfm()
+    if recalibrate: recalibrate_bn(enc, mon.train, tfm)
+    assert cb.values[1] == knn_accuracy(enc, mon.train, mon.valid, tfm=tfm)
+    if recalibrate:   # statistics recomputed from scratch on a copy: the same figure whatever the encoder's, which stay
+        for m in monitored.model.encoder.modules():
+            if isinstance(m, nn.BatchNorm2d): m.running_mean.add_(3.); m.running_var.mul_(100.)
+        spoilt = {k: v.clone() for k, v in monitored.model.encoder.state_dict().items()}
+        assert cb.evaluate() == cb.values[1]
+        for k, v in monitored.model.encoder.state_dict().items(): assert torch.equal(v, spoilt[k]), k
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(k=0), "k must"), (dict(temp=-1.), "temp must"), (dict(every=0), "every must")])

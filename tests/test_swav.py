@@ -1,5 +1,6 @@
 "Properties of the SwAV pieces: Sinkhorn, codes and loss, the queue, prototypes, and the SWAV callback end to end."
 import math
+import warnings
 
 import pytest
 import torch
@@ -356,7 +357,7 @@ def test_crops_of_one_size_made_together_are_independent():
     "Identical pipelines run as one group: the crops keep their shapes, differ from each other, and keep the pipeline's statistics"
     pipes = get_swav_aug_pipelines(num_crops=[2, 3], crop_sizes=[16, 8], min_scales=[0.3, 0.05], max_scales=[1., 0.3])
     cb = SWAV(pipes, [0, 1], K=None)
-    assert cb._aug_groups == [(0, 2), (2, 5)]
+    assert groups(cb) == [(0, 2), (2, 5)]
     torch.manual_seed(0)
     x = torch.rand(2048, 3, 20, 20)
     crops = cb._make_crops(x)
@@ -366,7 +367,27 @@ def test_crops_of_one_size_made_together_are_independent():
     for c, d in zip(crops, one_by_one):
         assert abs(c.mean() - d.mean()) < 0.12 and abs(c.std() / d.std() - 1) < 0.1   # seeds 0-5: at most 0.07 and 0.06
     same = get_swav_aug_pipelines(num_crops=[2, 3], crop_sizes=[16, 8], min_scales=[0.3, 0.05], max_scales=[1., 0.3], same_on_batch=True)
-    assert SWAV(same, [0, 1], K=None)._aug_groups == [(i, i + 1) for i in range(5)]
+    assert groups(SWAV(same, [0, 1], K=None)) == [(i, i + 1) for i in range(5)]
+
+
+def groups(cb: SWAV) -> list[tuple[int, int]]: return [(s, e) for s, e, *_ in cb._crop_plan]
+
+
+def test_replaced_or_changed_pipelines_are_used(tiny_dls):
+    "A new list assigned to learn.swav.augs is checked and grouped anew; pipelines changed in place are regrouped at fit"
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn.swav.augs = tiny_pipes(num_crops=(2, 3))
+    assert groups(learn.swav) == [(0, 2), (2, 5)]
+    assert [c.shape[-1] for c in learn.swav._make_crops(torch.rand(4, 1, 24, 24))] == [16, 16, 8, 8, 8]
+    learn.swav.augs[4].fs[0].aug.same_on_batch = True   # one box for the whole batch: not groupable any more
+    learn.fit(1)
+    assert groups(learn.swav) == [(0, 2), (2, 4), (4, 5)]
+    with pytest.raises(ValueError, match="at least 2 crops"): learn.swav.augs = tiny_pipes()[:1]
+    with pytest.raises(TypeError, match="aug_pipelines"): learn.swav.augs = [lambda x: x] * 2
+    learn.swav.augs = tiny_pipes(num_crops=(1, 1))   # 2 crops: crop_assgn_ids [0, 1] still valid
+    learn.fit(1)
+    learn.swav.crop_assgn_ids = [0, 3]
+    with pytest.raises(ValueError, match="crop_assgn_ids"): learn.fit(1)
 
 
 def test_print_augs(tiny_dls, capsys):
@@ -415,6 +436,18 @@ def test_single_crop_is_an_error():
 def test_model_without_prototypes(tiny_dls):
     learn = Learner(tiny_dls, nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 10)), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
     with pytest.raises(TypeError, match="prototypes"): learn.fit(1)
+
+
+@pytest.mark.parametrize("n_protos,K,warns", [(64, None, True), (32, None, False), (64, 64, False)])
+def test_warns_when_batch_smaller_than_prototypes_without_queue(tiny_dls, n_protos, K, warns):
+    "Batches of 32 without a queue: Sinkhorn must spread each code over >= n_protos / 32 prototypes"
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=K), model=tiny_model(n_protos=n_protos))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        learn.fit(1)
+    msgs = [str(x.message) for x in w if "prototypes" in str(x.message)]
+    assert bool(msgs) == warns, msgs
+    if warns: assert "batches of 32 images for 64 prototypes" in msgs[0] and "n_protos <= 32" in msgs[0] and "queue (K" in msgs[0]
 
 
 def test_K_larger_than_dataset(tiny_dls):
