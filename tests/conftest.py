@@ -12,17 +12,28 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 
 @pytest.fixture(scope="session")
-def digits():
+def digits_at():
+    "`digits_at(size)`: (images, labels) of the scikit-learn digits at `size` px, each size made once per session"
+    from functools import cache
     from self_supervised_swav.data import digits_images
-    return digits_images(size=24)
+    return cache(lambda size: digits_images(size=size))
+
+
+@pytest.fixture(scope="session")
+def digits(digits_at): return digits_at(24)
+
+
+def digits_dls(digits: tuple, n: int, bs: int):
+    "DataLoaders of the first `n` digits, 80 % train / 20 % valid, on the CPU"
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits
+    return image_tensor_dls(x[:n], y[:n], valid_pct=0.2, bs=bs, device="cpu")
 
 
 @pytest.fixture
 def tiny_dls(digits):
     "160 train / 40 valid gray 24 px digits, batches of 32 (train batches: 5, no partial batch)"
-    from self_supervised_swav.data import image_tensor_dls
-    x, y = digits
-    return image_tensor_dls(x[:200], y[:200], valid_pct=0.2, bs=32, device="cpu")
+    return digits_dls(digits, 200, 32)
 
 
 def pytest_configure(config):

@@ -14,20 +14,17 @@ from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsage, Prototy
                                              linear_probe_accuracy, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
+from conftest import digits_dls
 
 
 @pytest.fixture(scope="module")
-def digits16():
-    from self_supervised_swav.data import digits_images
-    return digits_images(size=16)
+def digits16(digits_at): return digits_at(16)
 
 
 @pytest.fixture
 def small_dls(digits16):
     "96 train / 24 valid gray 16 px digits, 2 training batches of 48"
-    from self_supervised_swav.data import image_tensor_dls
-    x, y = digits16
-    return image_tensor_dls(x[:120], y[:120], valid_pct=0.2, bs=48, device="cpu")
+    return digits_dls(digits16, 120, 48)
 
 
 def clusters(n_per_class=100, n_classes=10, dim=32, noise=0.05, seed=0):
@@ -207,7 +204,7 @@ def test_knn_monitor_reports_each_epoch_and_changes_nothing(digits16, recalibrat
 
     def run(cbs):
         set_seed(0)
-        dls = image_tensor_dls(x[:120], y[:120], valid_pct=0.2, bs=48, device="cpu")
+        dls = digits_dls((x, y), 120, 48)
         learn = swav_learner(dls, create_encoder("resnet10t", pretrained=False, n_in=1), cbs)
         learn.fit(2, 1e-3)
         return learn
