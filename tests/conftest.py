@@ -11,6 +11,14 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    "Every test starts from the same random state, whichever tests ran before it in its (xdist worker) process"
+    import random
+    import numpy as np
+    random.seed(0); np.random.seed(0); torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def digits_at():
     "`digits_at(size)`: (images, labels) of the scikit-learn digits at `size` px, each size made once per session"
