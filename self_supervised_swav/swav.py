@@ -237,9 +237,10 @@ def _np_rng(state: tuple) -> list[int]:
     return [*keys.tolist(), pos, has_gauss, *_float_bits(cached)[1:]]
 
 def _loaders(dls) -> list:
-    "The `DataLoader`s of a fastai `DataLoaders`, or of a list of them"
+    "The fastai `DataLoader`s (each with its own `random.Random`) of a fastai `DataLoaders`, or of a list of loaders"
     if dls is None: return []
-    return list(dls.loaders) if hasattr(dls, "loaders") else list(dls)
+    loaders = list(dls.loaders) if hasattr(dls, "loaders") else list(dls)
+    return [dl for dl in loaders if isinstance(getattr(dl, "rng", None), random.Random)]   # torch's shuffle from torch's RNG
 
 def rng_state_tensor(dls=None) -> Tensor:
     "torch (CPU and every initialised CUDA device), python, numpy and each of `dls`' `DataLoader` random states, as one int64 vector"
@@ -387,7 +388,9 @@ class SWAV(Callback):
 
     def _check_codes_batch(self):
         "Warn when, without a queue, Sinkhorn must spread every image over several prototypes"
-        n_protos, bs = self.swav_model.prototypes.out_features, (getattr(self.dls.train, "bs", None) or 0) * _world_rank()[0]
+        dl = self.dls.train
+        per_process = getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0   # a fastai DataLoader or torch's
+        n_protos, bs = self.swav_model.prototypes.out_features, per_process * _world_rank()[0]
         if self.K is None and 0 < bs < n_protos:
             warnings.warn(f"SWAV(K=None) computes codes from batches of {bs} images for {n_protos} prototypes: the "
                           f"equal-use constraint gives each prototype {bs / n_protos:.2g} images' worth of codes, so every "

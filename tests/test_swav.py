@@ -450,6 +450,19 @@ def test_warns_when_batch_smaller_than_prototypes_without_queue(tiny_dls, n_prot
     if warns: assert "batches of 32 images for 64 prototypes" in msgs[0] and "n_protos <= 32" in msgs[0] and "queue (K" in msgs[0]
 
 
+def test_plain_torch_dataloaders(digits):
+    "fastai DataLoaders over torch's own loaders: training, the end-of-epoch random state, and the batch size check"
+    from fastai.data.core import DataLoaders
+    from fastcore.basics import noop
+    from torch.utils.data import DataLoader, TensorDataset
+    ds = TensorDataset(*[t[:128] for t in digits])
+    dls = DataLoaders(DataLoader(ds, batch_size=32, shuffle=True, drop_last=True), DataLoader(ds, batch_size=32))
+    learn = Learner(dls, tiny_model(n_protos=64), cbs=SWAV(tiny_pipes(), [0, 1], K=None), loss_func=noop)
+    with pytest.warns(UserWarning, match="batches of 32 images for 64 prototypes"): learn.fit(1)
+    assert len(learn.recorder.losses) == 4 and all(math.isfinite(float(l)) for l in learn.recorder.losses)
+    assert int(learn.model.rng_epoch) == 0 and learn.model.rng_states.numel() > 0
+
+
 def test_K_larger_than_dataset(tiny_dls):
     learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=1000))
     with pytest.raises(ValueError, match="larger than the training set"): learn.fit(1)
