@@ -354,7 +354,7 @@ class SWAV(Callback):
     def before_fit(self):
         self._check_model()
         self._plan_crops()   # pipelines changed in place since construction are grouped anew
-        _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))
+        self.crop_assgn_ids = _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))   # the pipelines may have changed
         self._check_codes_batch()
         self._setup_state()
         self._resume_epoch = self._resuming_epoch()
