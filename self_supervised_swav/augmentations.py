@@ -11,10 +11,14 @@ import torch
 from torch import Tensor, nn
 import kornia.augmentation as korniatfm
 from fastai.data.core import Pipeline, Transform
+from fastai.torch_core import show_image
 from fastai.vision.core import imagenet_stats
 
+from .checks import SettingError, check_in_range, check_pair, check_positive
+
 # %% auto #0
-__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'get_batch_augs', 'get_multi_aug_pipelines', 'assert_aug_pipelines']
+__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'get_batch_augs', 'get_multi_aug_pipelines', 'assert_aug_pipelines',
+           'MultiCrop', 'show_crops']
 
 # %% ../nbs/01_augmentations.ipynb #c006
 def _check_images(x: Tensor):
@@ -100,13 +104,10 @@ def get_batch_augs(
     xtra_tfms: list | None = None,               # Extra transforms appended at the end
 ) -> Pipeline:
     "A batch augmentation `Pipeline(split_idx=0)` of kornia transforms for one crop size"
-    if not isinstance(size, int) or size <= 0: raise ValueError(f"size must be a positive int, got {size!r}")
-    _check_range("resize_scale", resize_scale, 0, 1)
-    _check_range("resize_ratio", resize_ratio, 0, math.inf)
-    for name, p in dict(flip_p=flip_p, rotate_p=rotate_p, jitter_p=jitter_p, bw_p=bw_p, blur_p=blur_p).items():
-        if not 0 <= p <= 1: raise ValueError(f"{name} must be a probability in [0, 1], got {p}")
-    sigma = paper_blur_sigma(size) if blur_s is None else tuple(blur_s)
-    _check_range("blur_s", sigma, 0, math.inf)
+    check_positive("size", size, integer=True)
+    resize_scale, resize_ratio = check_pair("resize_scale", resize_scale, 0, 1), check_pair("resize_ratio", resize_ratio, 0, math.inf)
+    for name, p in dict(flip_p=flip_p, rotate_p=rotate_p, jitter_p=jitter_p, bw_p=bw_p, blur_p=blur_p).items(): check_in_range(name, p)
+    sigma = check_pair("blur_s", paper_blur_sigma(size) if blur_s is None else tuple(blur_s), 0, math.inf)
     tfms = [KorniaTfm(korniatfm.RandomResizedCrop((size, size), scale=tuple(resize_scale), ratio=tuple(resize_ratio),
                                                   same_on_batch=same_on_batch, cropping_mode="resample")),
             KorniaTfm(korniatfm.RandomHorizontalFlip(p=flip_p, same_on_batch=same_on_batch))]
@@ -120,20 +121,16 @@ def get_batch_augs(
     if stats is not None: tfms.append(BatchNormalize(*stats))
     return Pipeline(tfms + list(xtra_tfms or []), split_idx=0)
 
-def _check_range(name: str, rng, lo: float, hi: float):
-    "`rng` must be a (min, max) pair with lo <= min <= max <= hi"
-    if not (isinstance(rng, (tuple, list)) and len(rng) == 2 and lo <= rng[0] <= rng[1] <= hi and rng[1] > 0):
-        raise ValueError(f"{name} must be a (min, max) pair with {lo} <= min <= max <= {hi}, got {rng!r}")
-
 # %% ../nbs/01_augmentations.ipynb #c022
 def get_multi_aug_pipelines(
     n: int,      # Number of pipelines (crops)
     size: int,   # Crop size for all of them
     **kwargs,    # Passed to `get_batch_augs`
-) -> list[Pipeline]:
-    "`n` independent `get_batch_augs(size, **kwargs)` pipelines"
-    if not isinstance(n, int) or n < 1: raise ValueError(f"n must be a positive int, got {n!r}")
-    return [get_batch_augs(size, **kwargs) for _ in range(n)]
+) -> MultiCrop:
+    "`n` independent `get_batch_augs(size, **kwargs)` pipelines, as one `MultiCrop` group"
+    check_positive("n", n, integer=True)
+    pipes = [get_batch_augs(size, **kwargs) for _ in range(n)]
+    return MultiCrop(pipes, groups=None if kwargs.get("same_on_batch") else [n])
 
 def assert_aug_pipelines(
     aug_pipelines: Sequence[Pipeline], # The pipelines a self-supervised callback will use
@@ -149,3 +146,61 @@ def assert_aug_pipelines(
         if p.split_idx != 0:
             raise ValueError(f"aug_pipelines[{i}] has split_idx={p.split_idx}: build it with Pipeline(..., split_idx=0) "
                              "(get_batch_augs does) so its transforms run on the training split.")
+
+# %% ../nbs/01_augmentations.ipynb #c022c
+class MultiCrop(list):
+    "The pipelines of the crops of a batch (a list, one per crop) and the groups of identically distributed crops"
+    def __init__(self,
+        pipelines: Sequence[Pipeline],       # One augmentation pipeline per crop
+        groups: Sequence[int] | None = None, # Crops per group of consecutive identically built pipelines, e.g. [2, 6]; None: one crop per group
+    ):
+        assert_aug_pipelines(pipelines)
+        super().__init__(pipelines)
+        self.groups = [1] * len(self) if groups is None else list(groups)
+        if not all(isinstance(g, int) and g >= 1 for g in self.groups) or sum(self.groups) != len(self):
+            raise SettingError("groups", f"groups must be positive ints that add up to the {len(self)} pipelines, got {groups!r}")
+        self._rest = {}   # the pipeline after its crop, per group: built once
+
+    def group_ranges(self) -> list[tuple[int, int]]:
+        "(start, end) crop indices of each group"
+        if sum(self.groups) != len(self):
+            raise ValueError(f"This MultiCrop holds {len(self)} pipelines but its groups {self.groups} cover {sum(self.groups)}: "
+                             "build a new MultiCrop(pipelines, groups) instead of editing the list in place.")
+        ends = [sum(self.groups[:i + 1]) for i in range(len(self.groups))]
+        return list(zip([0] + ends[:-1], ends))
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        "The crops of batch `x` `[B, C, H, W]`: one tensor per pipeline, in order"
+        x = x.as_subclass(Tensor)
+        crops = []
+        for s, e in self.group_ranges():
+            if e - s == 1: crops.append(self[s](x)); continue
+            first = self[s].fs[0]
+            crops += list(self._group_rest(s)(torch.cat([first(x) for _ in range(s, e)])).chunk(e - s))
+        return crops
+
+    def _group_rest(self, s: int) -> Pipeline:
+        "The transforms of pipeline `s` after its crop, as one pipeline (cached while pipeline `s` is unchanged)"
+        key = (s, id(self[s]))
+        if key not in self._rest: self._rest[key] = Pipeline(self[s].fs[1:], split_idx=0)
+        return self._rest[key]
+
+    def decode(self, crops: Sequence[Tensor]) -> list[Tensor]:
+        "`crops` with each pipeline's normalisation undone, for display"
+        return [p.decode(c) for p, c in zip(self, crops)]
+
+def show_crops(
+    x: Tensor,               # Images [n, C, H, W] in [0, 1]
+    multi_crop: MultiCrop,   # Their crops' pipelines
+):
+    "A figure with one row per image: the image, then each of its crops, decoded"
+    import matplotlib.pyplot as plt
+    x = x.as_subclass(Tensor)
+    with torch.no_grad(): crops = [c.clamp(0, 1).cpu() for c in multi_crop.decode(multi_crop(x))]
+    x = x.cpu()
+    fig, axs = plt.subplots(len(x), 1 + len(crops), figsize=(1.6 * (1 + len(crops)), 1.6 * len(x)), squeeze=False)
+    for i in range(len(x)):
+        for j, im in enumerate([x[i]] + [c[i] for c in crops]):
+            show_image(im, ax=axs[i, j], cmap="gray", title=("image" if j == 0 else f"crop {j - 1}") if i == 0 else None)
+    fig.tight_layout()
+    return fig

@@ -36,7 +36,8 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.finetune import save_encoder
     from self_supervised_swav.layers import create_encoder
-    from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
+    from self_supervised_swav.checks import SettingError, check_in_range, check_positive
+    from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
 # %% auto #0
 __all__ = ['GRAY_STATS', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls', 'check_settings',
@@ -119,36 +120,45 @@ def embedded_dls(
     return image_tensor_dls(x, y, valid_pct=valid_pct, bs=bs, seed=seed, num_workers=0)   # in memory: no worker processes
 
 # %% ../nbs/06_cli.ipynb #c018
-def _positive(name: str, v, kind=int):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is not int or float(v).is_integer())
-    if not ok or v <= 0: raise UsageError(f"--{name} must be a positive {'int' if kind is int else 'number'}, got {v!r}")
+_FLAGS = dict(aug_pipelines="num_crops", crop_assgn_ids="num_crops")   # library parameters the command sets through another flag
+
+def _flag_error(e: SettingError) -> UsageError:
+    "The library's `SettingError` as a one-line `UsageError` that names the `--flag`"
+    flag, msg = _FLAGS.get(e.param, e.param), str(e)
+    return UsageError(f"--{msg}" if flag == e.param and msg.startswith(e.param) else f"--{flag}: {msg}")
+
+@contextmanager
+def _flags():
+    "Inside: the library's checks; a `SettingError` comes out as a `UsageError` naming the flag"
+    try: yield
+    except SettingError as e: raise _flag_error(e) from None
+
+def _augs(s: SimpleNamespace, stats=None):
+    "The `MultiCrop` pipelines of the settings"
+    return get_swav_aug_pipelines(num_crops=list(s.num_crops), crop_sizes=list(s.crop_sizes), min_scales=list(s.min_scales),
+                                  max_scales=list(s.max_scales), recipe=s.recipe, jitter_s=s.jitter_s, flip_p=s.flip_p, stats=stats)
+
+def _swav(s: SimpleNamespace, augs, freeze: int = 0) -> SWAV:
+    "The `SWAV` callback of the settings (crops 0 and 1, the two largest, get codes)"
+    return SWAV(augs, crop_assgn_ids=[0, 1], K=s.K or None, queue_start_pct=s.queue_start_pct, temp=s.temp, eps=s.eps,
+                freeze_protos_iters=freeze)
 
 def check_settings(s: SimpleNamespace):
-    "`UsageError` naming the option for settings that are wrong whatever the data"
-    lens = {n: len(getattr(s, n)) for n in ("num_crops", "crop_sizes", "min_scales", "max_scales")}
-    if len(set(lens.values())) != 1:
-        raise UsageError(f"--num_crops, --crop_sizes, --min_scales and --max_scales need one value per crop size each, got {lens}")
-    if sum(s.num_crops) < 2: raise UsageError(f"SwAV needs at least 2 crops, got --num_crops {list(s.num_crops)}")
+    "`UsageError` naming the option for settings that are wrong whatever the data: the library's checks on the flags' values"
+    with _flags():
+        for name in ("epochs", "bs", "n_protos"): check_positive(name, getattr(s, name), integer=True)
+        for name in ("size", "max_images"):
+            if getattr(s, name) is not None: check_positive(name, getattr(s, name), integer=True)
+        if s.workers is not None: check_positive("workers", s.workers, integer=True, minimum=0)
+        check_positive("lr", s.lr)
+        check_positive("K", s.K, integer=True, minimum=0)
+        check_positive("jitter_s", s.jitter_s, minimum=0)
+        check_in_range("valid_pct", s.valid_pct, open_lo=True, open_hi=True)
+        _swav(s, _augs(s))   # crops, scales, recipe, flip_p (the pipelines'); eps, temp, queue_start_pct (SWAV's)
     if s.num_crops[0] < 2: raise UsageError(f"the first crop size needs at least 2 crops (their codes are swapped), got --num_crops {list(s.num_crops)}")
-    for n in s.num_crops: _positive("num_crops", n)
-    for c in s.crop_sizes: _positive("crop_sizes", c)
-    for name in ("epochs", "bs", "n_protos"): _positive(name, getattr(s, name))
-    for name in ("lr", "eps", "temp"): _positive(name, getattr(s, name), float)
-    if not (isinstance(s.jitter_s, (int, float)) and s.jitter_s >= 0): raise UsageError(f"--jitter_s must be >= 0, got {s.jitter_s!r}")
-    if not (isinstance(s.flip_p, (int, float)) and 0 <= s.flip_p <= 1): raise UsageError(f"--flip_p must be a probability in [0, 1], got {s.flip_p!r}")
-    if s.size is not None:
-        _positive("size", s.size)
-        if max(s.crop_sizes) > s.size:
-            raise UsageError(f"crop size {max(s.crop_sizes)} px is larger than the images (--size {s.size}): pass smaller --crop_sizes or a larger --size")
-    if s.K < 0: raise UsageError(f"--K must be >= 0 (0: no queue), got {s.K}")
-    if not 0 <= s.queue_start_pct <= 1: raise UsageError(f"--queue_start_pct must be in [0, 1], got {s.queue_start_pct}")
-    if not 0 < s.valid_pct < 1: raise UsageError(f"--valid_pct must be in (0, 1), got {s.valid_pct}")
-    if s.max_images is not None: _positive("max_images", s.max_images)
-    if s.workers is not None and (not isinstance(s.workers, int) or s.workers < 0): raise UsageError(f"--workers must be an int >= 0, got {s.workers!r}")
+    if s.size is not None and max(s.crop_sizes) > s.size:
+        raise UsageError(f"crop size {max(s.crop_sizes)} px is larger than the images (--size {s.size}): pass smaller --crop_sizes or a larger --size")
     if s.fp16 and not torch.cuda.is_available(): raise UsageError("--fp16 needs a CUDA GPU, and none is available")
-    try: get_swav_aug_pipelines(num_crops=list(s.num_crops), crop_sizes=list(s.crop_sizes), min_scales=list(s.min_scales),
-                                max_scales=list(s.max_scales), recipe=s.recipe)
-    except ValueError as e: raise UsageError(str(e)) from None
 
 # %% ../nbs/06_cli.ipynb #c021
 GRAY_STATS = ([sum(imagenet_stats[0]) / 3], [sum(imagenet_stats[1]) / 3])   # ImageNet statistics, averaged over channels
@@ -181,8 +191,8 @@ def _check_data(s: SimpleNamespace, dls: DataLoaders):
     if s.bs > n_train:
         raise UsageError(f"--bs {s.bs} is larger than the {n_train} training images (the training set drops its last "
                          f"partial batch, so nothing would be trained): pass --bs {max(1, n_train // 2)} or less")
-    if s.K and s.K > n_train:
-        raise UsageError(f"--K {s.K} (queue length) is larger than the {n_train} training images: pass --K {n_train} or less, or --K 0 for no queue")
+    with _flags():
+        if s.K: check_queue_length(s.K, n_train)
 
 def _knn(encoder, dls, tfm) -> float | None:
     if len(dls.valid.dataset) == 0: return None
@@ -211,15 +221,12 @@ def _build(s: SimpleNamespace, n_in: int) -> tuple:
     except (ValueError, TypeError) as e: raise UsageError(f"--arch: {e}") from None
     dls, labelled, what = _load_data(s)
     _check_data(s, dls)
-    augs = get_swav_aug_pipelines(num_crops=list(s.num_crops), crop_sizes=list(s.crop_sizes), min_scales=list(s.min_scales),
-                                  max_scales=list(s.max_scales), recipe=s.recipe, jitter_s=s.jitter_s, flip_p=s.flip_p,
-                                  stats=GRAY_STATS if n_in == 1 else imagenet_stats)
+    augs = _augs(s, stats=GRAY_STATS if n_in == 1 else imagenet_stats)
     return encoder, dls, labelled, what, augs
 
 def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int) -> Learner:
     "The pretraining `Learner`: SWAV plus the prototype-usage and (with labels) kNN monitors"
-    swav = SWAV(augs, crop_assgn_ids=[0, 1], K=s.K or None, queue_start_pct=s.queue_start_pct, temp=s.temp, eps=s.eps,
-                freeze_protos_iters=freeze)
+    swav = _swav(s, augs, freeze)
     cbs = [swav, PrototypeUsageMonitor()]
     if labelled and len(dls.valid.dataset):   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(_subset_dl(dls.train, 5000, 1), _subset_dl(dls.valid, 1000, 1), recalibrate_bn=True))
@@ -294,7 +301,6 @@ def swav_pretrain(
     s = SimpleNamespace(**{k: v for k, v in locals().items()})
     for name in ("num_crops", "crop_sizes", "min_scales", "max_scales"): setattr(s, name, list(getattr(s, name)))
     return _run(s)
-
 
 # %% ../nbs/06_cli.ipynb #c022b
 def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]:

@@ -6,12 +6,10 @@
 from __future__ import annotations
 import copy
 import math
-import random
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +19,7 @@ from fastai.learner import ValueMetric
 from fastai.torch_core import get_model
 
 from .augmentations import BatchNormalize
+from .resume import preserved_random_state
 
 # %% auto #0
 __all__ = ['extract_features', 'pipeline_normalization', 'recalibrate_bn', 'knn_predict', 'knn_accuracy', 'features_knn_accuracy',
@@ -29,17 +28,12 @@ __all__ = ['extract_features', 'pipeline_normalization', 'recalibrate_bn', 'knn_
 # %% ../nbs/04_evaluation.ipynb #c006
 @contextmanager
 def _preserve_state(model: nn.Module):
-    "Evaluation mode and no gradients inside; training mode and the Python, NumPy and torch RNG states restored after"
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    "Evaluation mode and no gradients inside; training mode and the random states (see `resume`) restored after"
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(): yield
-    finally:
-        model.train(was_training)
-        random.setstate(states[0]); np.random.set_state(states[1]); torch.set_rng_state(states[2])
-        if cuda_states is not None: torch.cuda.set_rng_state_all(cuda_states)
+        with preserved_random_state(), torch.no_grad(): yield
+    finally: model.train(was_training)
 
 def _ordered(dl: Iterable) -> Iterable:
     "A fastai `DataLoader` without shuffling or dropping; other iterables unchanged"
@@ -240,7 +234,6 @@ class KNNMonitor(Callback):
         encoder, tfm = self.encoder(), self._tfm()
         if self.recalibrate_bn: encoder = recalibrate_bn(copy.deepcopy(encoder), self.train_dl, tfm)
         return knn_accuracy(encoder, self.train_dl, self.valid_dl, k=self.k, temp=self.temp, tfm=tfm)
-
 
 # %% ../nbs/04_evaluation.ipynb #c029
 class PrototypeUsage:

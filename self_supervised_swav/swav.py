@@ -4,27 +4,118 @@
 
 # %% ../nbs/02_swav.ipynb #c003
 from __future__ import annotations
-import random
-import struct
 import warnings
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from fastai.callback.core import Callback
 from fastai.data.core import Pipeline
-from fastai.torch_core import get_model, show_image
-from fastai.vision.core import imagenet_stats
+from fastai.torch_core import get_model
 
-from .augmentations import BatchNormalize, KorniaTfm, assert_aug_pipelines, get_batch_augs
+from .augmentations import MultiCrop, get_batch_augs, show_crops
+from .checks import SettingError, check_choice, check_in_range, check_positive, check_same_length
 from .layers import create_mlp_module, encoder_feature_dim
+from .resume import ResizingBuffers, RandomStateHolder, ResumeRandomState, all_gather_stack, attach_state, world_rank
 
 # %% auto #0
-__all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVModel', 'create_swav_model', 'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes',
-           'swav_loss', 'rng_state_tensor', 'set_rng_state_tensor', 'SWAV']
+__all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVQueue', 'IterationCounter', 'attach_swav_state', 'SwAVModel', 'create_swav_model',
+           'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes', 'swav_loss', 'check_queue_length',
+           'normalize_prototypes', 'SWAV']
+
+# %% ../nbs/02_swav.ipynb #c005b
+def _dist_on() -> bool: return world_rank()[0] > 1
+
+def _float32(t: Tensor):
+    "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+class SwAVQueue(ResizingBuffers):
+    "Embeddings of past batches for Sinkhorn: one queue per assignment crop, newest first, and every rank's copy for checkpoints"
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("embeddings", torch.zeros(0, 0, 0))             # [len(crop_assgn_ids), K, projection_size]
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))     # entries filled (the same in every queue)
+        self.register_buffer("rank_embeddings", torch.zeros(0, 0, 0, 0))     # under DDP: every rank's `embeddings`
+        self.register_buffer("rank_filled", torch.zeros(0, dtype=torch.long))
+        self._filled = 0                                                      # host copy of `filled`
+
+    def _after_load(self): self._filled = int(self.filled)
+
+    @property
+    def length(self) -> int:
+        "The queue length K (0: no queue)"
+        return self.embeddings.shape[1]
+    @property
+    def n_filled(self) -> int:
+        "How many entries of each queue are filled"
+        return self._filled
+    @property
+    def full(self) -> bool:
+        "Every entry holds an embedding: the queue can enter Sinkhorn"
+        return self.length > 0 and self._filled >= self.length
+
+    def configure(self, n_assign: int, K: int, dim: int):
+        "Shape the queues `[n_assign, K, dim]` for a run: keep a checkpoint's queue of that shape, refuse a filled one of another"
+        shape = (n_assign, K, dim)
+        if tuple(self.embeddings.shape) != shape:
+            if self._filled > 0 and K > 0:
+                raise ValueError(f"The model holds a queue of shape {tuple(self.embeddings.shape)} (from a checkpoint?) but this run "
+                                 f"needs {shape} (len(crop_assgn_ids), K, projection_size): pass the K and crop_assgn_ids of "
+                                 "that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
+            self.reset(shape)
+        if _dist_on() and K > 0: self._take_own_rank()
+
+    def reset(self, shape: tuple | None = None):
+        "Empty the queues (and a checkpoint's per-rank copies), with a new `shape` if given"
+        self.embeddings = self.embeddings.new_zeros(shape or self.embeddings.shape)
+        self.rank_embeddings, self.rank_filled = self.rank_embeddings.new_zeros(0, 0, 0, 0), self.rank_filled.new_zeros(0)
+        self.filled.zero_()
+        self._filled = 0
+
+    @torch.no_grad()
+    def push(self, new: Tensor):
+        "Put `new` `[n_assign, bs, dim]` at the front of the queues; the oldest entries drop out"
+        self.embeddings.copy_(torch.cat([new.detach().to(self.embeddings.dtype), self.embeddings], dim=1)[:, :self.length])
+        self._filled = min(self.length, self._filled + new.shape[1])
+        self.filled.fill_(self._filled)
+
+    @torch.no_grad()
+    def scores(self, prototype_weights: Tensor) -> Tensor:
+        "Scores `[n_assign, K, n_protos]` of the queued embeddings against the prototypes, in float32"
+        with _float32(self.embeddings): return self.embeddings.float() @ prototype_weights.detach().float().t()
+
+    @torch.no_grad()
+    def gather_ranks(self):
+        "Under DDP: every rank's queue into `rank_embeddings` on every rank, so that rank 0's checkpoint holds them all"
+        if _dist_on() and self.length > 0:
+            self.rank_embeddings, self.rank_filled = all_gather_stack(self.embeddings), all_gather_stack(self.filled)
+
+    def _take_own_rank(self):
+        "Under DDP: this rank's own queue from `rank_embeddings` (a checkpoint's); never a queue shared by all ranks"
+        world, rank = world_rank()
+        if self.rank_embeddings.shape[0] == world and self.rank_embeddings.shape[1:] == self.embeddings.shape:
+            self.embeddings.copy_(self.rank_embeddings[rank]); self.filled.copy_(self.rank_filled[rank])
+            self._filled = int(self.filled)
+        elif self._filled > 0:
+            warnings.warn(f"The model's queue does not come from {world} processes (a checkpoint of another run?): every "
+                          "rank would start with the same queue, so it is emptied and refilled.")
+            self.reset()
+
+class IterationCounter(ResizingBuffers):
+    "The number of training iterations the model has seen, as a buffer, with a host copy"
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._count = 0
+    def _after_load(self): self._count = int(self.count)
+    def step(self):
+        "One more training iteration"
+        self._count += 1
+        self.count.add_(1)
+    def __int__(self) -> int: return self._count
 
 # %% ../nbs/02_swav.ipynb #c006
 def _crop_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -35,9 +126,38 @@ def _crop_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
             groups.append((start, i)); start = i
     return groups
 
+# %% ../nbs/02_swav.ipynb #c007c
+_V0_1_KEYS = dict(queue="queue.embeddings", queue_len="queue.filled", rank_queues="queue.rank_embeddings",
+                  rank_queue_lens="queue.rank_filled", swav_iters="swav_iters.count",
+                  rng_states="random_state.states", rng_epoch="random_state.epoch")
+
+def _read_v0_1_checkpoint(module, state_dict, prefix, *args):
+    "Load-state-dict pre-hook: the loose buffers of a version 0.1.0 checkpoint, under their modules' names"
+    for old, new in _V0_1_KEYS.items():
+        t = state_dict.get(prefix + old)
+        if isinstance(t, Tensor) and prefix + new not in state_dict: state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+def _check_swav_model(model: nn.Module):
+    "A `TypeError` unless `model` has the `prototypes` layer SwAV needs"
+    if not isinstance(getattr(model, "prototypes", None), nn.Linear):
+        raise TypeError("SWAV needs a model with a `prototypes` nn.Linear layer returning (embedding, scores): "
+                        "build it with create_swav_model(encoder).")
+
+def attach_swav_state(
+    model: nn.Module,  # A model with a `prototypes` nn.Linear that returns (embedding, scores)
+) -> nn.Module:
+    "`model` with its `queue` (`SwAVQueue`, per rank) and `swav_iters` (`IterationCounter`) state modules"
+    _check_swav_model(model)
+    attach_state(model, "queue", SwAVQueue, per_rank=True)
+    attach_state(model, "swav_iters", IterationCounter, per_rank=False)   # the same on every rank: DDP may broadcast it
+    if not getattr(model, "_reads_v0_1", False):
+        model.register_load_state_dict_pre_hook(_read_v0_1_checkpoint)
+        model._reads_v0_1 = True
+    return model
+
 # %% ../nbs/02_swav.ipynb #c008
 class SwAVModel(nn.Module):
-    "Encoder, projector and prototypes of SwAV, plus the queue and iteration count as buffers"
+    "Encoder, projector and prototypes of SwAV, plus the modules that hold its training state (queue, iterations, random state)"
     def __init__(self,
         encoder: nn.Module,     # Maps images to flat features
         projector: nn.Module,   # Maps features to `projection_size`
@@ -45,17 +165,8 @@ class SwAVModel(nn.Module):
     ):
         super().__init__()
         self.encoder, self.projector, self.prototypes = encoder, projector, prototypes
-        self.register_buffer("queue", torch.zeros(0, 0, prototypes.in_features))
-        self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))
-        self.register_buffer("swav_iters", torch.zeros((), dtype=torch.long))
-        # under DDP, every rank's queue, gathered at the end of each epoch so that rank 0's checkpoint restores them all
-        self.register_buffer("rank_queues", torch.zeros(0, 0, 0, prototypes.in_features))
-        self.register_buffer("rank_queue_lens", torch.zeros(0, dtype=torch.long))
-        # the random state of every rank at the end of epoch `rng_epoch` (see `rng_state_tensor`), for exact resumes
-        self.register_buffer("rng_states", torch.zeros(0, 0, dtype=torch.long))
-        self.register_buffer("rng_epoch", torch.full((), -1, dtype=torch.long))
-        # each rank keeps its own queue (official code): DDP must not broadcast it from rank 0
-        self._ddp_params_and_buffers_to_ignore = ["queue", "queue_len", "rank_queues", "rank_queue_lens", "rng_states", "rng_epoch"]
+        attach_swav_state(self)
+        attach_state(self, "random_state", RandomStateHolder)   # filled by `ResumeRandomState` (see `resume`)
 
     def forward(self, crops: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         "(L2-normalised embeddings, prototype scores) of all crops, stacked crop after crop"
@@ -64,21 +175,12 @@ class SwAVModel(nn.Module):
         z = F.normalize(self.projector(feats), dim=1)
         return z, self.prototypes(z)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        "Accept a checkpoint's queues and random states whatever their shape: the `SWAV` callback checks them"
-        for name in ("rng_states", "rng_epoch"): state_dict.setdefault(prefix + name, getattr(self, name))  # older checkpoints
-        for name in ("queue", "rank_queues", "rank_queue_lens", "rng_states"):
-            t, mine = state_dict.get(prefix + name), getattr(self, name)
-            if t is not None and t.shape != mine.shape:
-                setattr(self, name, torch.zeros(t.shape, dtype=mine.dtype, device=mine.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 # %% ../nbs/02_swav.ipynb #c010
 def create_swav_model(
     encoder: nn.Module,          # Maps images to flat features: see `create_encoder`
     hidden_size: int = 256,      # Hidden width of the projection MLP
     projection_size: int = 128,  # Width of the embeddings the prototypes score
-    n_protos: int = 3000,        # Number of prototypes K (3000 in the paper for ImageNet)
+    n_protos: int = 3000,        # Number of prototypes (3000 in the paper for ImageNet)
     bn: bool = True,             # BatchNorm in the projection MLP
     nlayers: int = 2,            # Linear layers in the projection MLP
 ) -> SwAVModel:
@@ -87,7 +189,7 @@ def create_swav_model(
         raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}: build one with "
                         "create_encoder('resnet18', pretrained=False) or create_fastai_encoder(xresnet18).")
     for name, v in dict(hidden_size=hidden_size, projection_size=projection_size, n_protos=n_protos).items():
-        if not isinstance(v, int) or v < 1: raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive(name, v, integer=True)
     projector = create_mlp_module(encoder_feature_dim(encoder), hidden_size, projection_size, bn=bn, nlayers=nlayers)
     prototypes = nn.Linear(projection_size, n_protos, bias=False)
     with torch.no_grad(): prototypes.weight.copy_(F.normalize(prototypes.weight, dim=1))
@@ -105,54 +207,21 @@ def get_swav_aug_pipelines(
     max_scales: Sequence[float] = (1., 0.14), # Maximum crop area (fraction of the image), per size
     recipe: str = "swav",                     # "swav" (paper) or "fastai" (original library) augmentation defaults
     **kwargs,                                 # Passed to `get_batch_augs`, override the recipe
-) -> list[Pipeline]:
-    "One augmentation pipeline per crop: `num_crops[i]` crops of `crop_sizes[i]` px"
-    lens = dict(num_crops=len(num_crops), crop_sizes=len(crop_sizes), min_scales=len(min_scales), max_scales=len(max_scales))
-    if len(set(lens.values())) != 1: raise ValueError(f"num_crops, crop_sizes, min_scales and max_scales need one value per crop size each, got lengths {lens}")
-    for n, s, lo, hi in zip(num_crops, crop_sizes, min_scales, max_scales):
-        if not isinstance(n, int) or n < 1: raise ValueError(f"num_crops must hold positive ints, got {list(num_crops)}")
-        if not isinstance(s, int) or s < 1: raise ValueError(f"crop_sizes must hold positive ints, got {list(crop_sizes)}")
-        if not 0 < lo <= hi <= 1: raise ValueError(f"Need 0 < min_scales[i] <= max_scales[i] <= 1, got min_scales={list(min_scales)}, max_scales={list(max_scales)}")
-    recipes = dict(swav=SWAV_AUGS, fastai=FASTAI_AUGS)
-    if recipe not in recipes: raise ValueError(f"recipe must be one of {list(recipes)}, got {recipe!r}")
-    kwargs = {**recipes[recipe], **kwargs}
-    return [get_batch_augs(s, resize_scale=(lo, hi), **kwargs)
-            for n, s, lo, hi in zip(num_crops, crop_sizes, min_scales, max_scales) for _ in range(n)]
-
-# %% ../nbs/02_swav.ipynb #c017b
-def _pipeline_key(p: Pipeline) -> tuple | None:
-    "Pipelines with equal keys draw crops from one distribution; None: this pipeline cannot make several crops per call"
-    if not p.fs or not (isinstance(p.fs[0], KorniaTfm) and type(p.fs[0].aug).__name__ == "RandomResizedCrop"): return None
-    for t in p.fs:   # kornia draws per-sample parameters unless same_on_batch; other transforms may draw once per call
-        if not isinstance(t, (KorniaTfm, BatchNormalize)) or getattr(getattr(t, "aug", None), "same_on_batch", False): return None
-    return tuple((type(t).__name__, repr(t), getattr(t, "rgb_only", None)) for t in p.fs)   # kornia reprs hold the parameters
-
-def _pipeline_groups(augs: Sequence[Pipeline]) -> list[tuple[int, int]]:
-    "(start, end) ranges of consecutive pipelines with the same (not None) key"
-    keys, groups, start = [_pipeline_key(p) for p in augs], [], 0
-    for i in range(1, len(augs) + 1):
-        if i == len(augs) or keys[i] is None or keys[i] != keys[start]:
-            groups.append((start, i)); start = i
-    return groups
+) -> MultiCrop:
+    "One augmentation pipeline per crop, `num_crops[i]` crops of `crop_sizes[i]` px, grouped by size"
+    check_same_length(num_crops=num_crops, crop_sizes=crop_sizes, min_scales=min_scales, max_scales=max_scales)
+    for n in num_crops: check_positive("num_crops", n, integer=True)
+    for s in crop_sizes: check_positive("crop_sizes", s, integer=True)
+    for lo, hi in zip(min_scales, max_scales):
+        if not (check_in_range("min_scales", lo, open_lo=True) <= check_in_range("max_scales", hi)):
+            raise SettingError("min_scales", f"min_scales must be <= max_scales for every crop size, got min_scales="
+                                             f"{list(min_scales)}, max_scales={list(max_scales)}")
+    kwargs = {**dict(swav=SWAV_AUGS, fastai=FASTAI_AUGS)[check_choice("recipe", recipe, ["swav", "fastai"])], **kwargs}
+    pipes = [get_batch_augs(s, resize_scale=(lo, hi), **kwargs)
+             for n, s, lo, hi in zip(num_crops, crop_sizes, min_scales, max_scales) for _ in range(n)]
+    return MultiCrop(pipes, groups=None if kwargs.get("same_on_batch") else list(num_crops))   # same_on_batch: one call per crop
 
 # %% ../nbs/02_swav.ipynb #c019
-def _dist_on() -> bool: return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-def _float32(t: Tensor):
-    "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-def _world_rank() -> tuple[int, int]:
-    "(number of processes, this process's rank): (1, 0) without torch.distributed"
-    return (dist.get_world_size(), dist.get_rank()) if _dist_on() else (1, 0)
-
-def _all_gather_stack(t: Tensor) -> Tensor:
-    "Every rank's `t`, stacked along a new first dimension (`t[None]` in a single process)"
-    if not _dist_on(): return t[None]
-    ts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(ts, t.contiguous())
-    return torch.stack(ts)
-
 def _all_reduce(t: Tensor, op=None) -> Tensor:
     "All-reduce `t` in place when torch.distributed runs several processes"
     if _dist_on(): dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
@@ -160,29 +229,29 @@ def _all_reduce(t: Tensor, op=None) -> Tensor:
 
 @torch.no_grad()
 def sinkhorn_knopp(
-    scores: Tensor,     # Prototype scores [B, K], or [A, B, K] for A independent problems
-    eps: float = 0.05,  # Entropy regularisation epsilon (0.05 in the paper)
-    n_iters: int = 3,   # Sinkhorn iterations (3 in the paper)
+    scores: Tensor,        # Prototype scores [B, n_protos], or [A, B, n_protos] for A independent problems
+    eps: float = 0.05,     # Entropy regularisation epsilon (0.05 in the paper)
+    n_sinkh_iter: int = 3, # Sinkhorn iterations (3 in the paper)
     keep_last: int | None = None, # Return only the codes of the last `keep_last` samples (the batch after its queue)
 ) -> Tensor:
     "SwAV codes (float32, same shape as `scores`): rows sum to 1, prototypes equally used over the (global) batch"
-    if scores.ndim not in (2, 3): raise ValueError(f"scores must be [B, K] or [A, B, K], got shape {tuple(scores.shape)}")
-    if not eps > 0: raise ValueError(f"eps must be positive, got {eps}")
-    if not (isinstance(n_iters, int) and n_iters >= 1): raise ValueError(f"n_iters must be an int >= 1, got {n_iters!r}")
-    with _float32(scores): q = _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_iters, keep_last)
+    if scores.ndim not in (2, 3): raise ValueError(f"scores must be [B, n_protos] or [A, B, n_protos], got shape {tuple(scores.shape)}")
+    check_positive("eps", eps)
+    check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
+    with _float32(scores): q = _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_sinkh_iter, keep_last)
     return q if scores.ndim == 3 else q[0]
 
-def _sinkhorn(s: Tensor, eps: float, n_iters: int, keep_last: int | None = None) -> Tensor:
-    "Sinkhorn-Knopp on float32 scores `[A, B, K]`, outside autocast"
+def _sinkhorn(s: Tensor, eps: float, n_sinkh_iter: int, keep_last: int | None = None) -> Tensor:
+    "Sinkhorn-Knopp on float32 scores `[A, B, n_protos]`, outside autocast"
     n_protos = s.shape[2]
     n_samples = _all_reduce(torch.full((), s.shape[1], dtype=torch.float32, device=s.device))
-    proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if _dist_on() else None)  # [A, 1, K]
+    proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if _dist_on() else None)  # [A, 1, n_protos]
     q = torch.add(proto_max.div_(-eps), s, alpha=1 / eps)                # (s - max) / eps <= 0: one pass, fresh buffer
     sample_max = q.amax(dim=2, keepdim=True)                             # [A, B, 1], <= 0
     q.sub_(sample_max).exp_()                                            # Q0: entries in (0, 1]
     v = sample_max.exp()                                                 # per-sample factor, back in v
-    for _ in range(n_iters):
-        u = _all_reduce(torch.bmm(v.transpose(1, 2), q)).mul_(n_protos).reciprocal_()  # prototypes: total 1/K
+    for _ in range(n_sinkh_iter):
+        u = _all_reduce(torch.bmm(v.transpose(1, 2), q)).mul_(n_protos).reciprocal_()  # prototypes: total 1/n_protos
         v = torch.bmm(q, u.transpose(1, 2)).mul_(n_samples).reciprocal_()              # samples: total 1/B
     if keep_last is not None: q, v = q[:, -keep_last:], v[:, -keep_last:]   # only these rows need scaling
     q = q.mul(u) if keep_last is not None else q.mul_(u)                 # (a view of q must not be scaled in place)
@@ -195,21 +264,21 @@ def _rows(t: Tensor, ids: Sequence[int]) -> Tensor:
 
 @torch.no_grad()
 def swav_codes(
-    scores: Tensor,                    # Scores of all crops [n_crops*bs, K], crop after crop
+    scores: Tensor,                    # Scores of all crops [n_crops*bs, n_protos], crop after crop
     bs: int,                           # Batch size (samples per crop)
     crop_assgn_ids: Sequence[int],     # Crops whose codes are computed
     eps: float = 0.05,                 # Sinkhorn epsilon
-    n_iters: int = 3,                  # Sinkhorn iterations
-    queue_scores: Tensor | None = None, # Scores of queued embeddings [len(crop_assgn_ids), Kq, K], or None
+    n_sinkh_iter: int = 3,             # Sinkhorn iterations
+    queue_scores: Tensor | None = None, # Scores of queued embeddings [len(crop_assgn_ids), K, n_protos], or None
 ) -> Tensor:
-    "Codes `[len(crop_assgn_ids), bs, K]` of the assignment crops, from Sinkhorn-Knopp"
-    out = _rows(scores.detach().view(-1, bs, scores.shape[-1]), crop_assgn_ids)   # [A, bs, K]
-    if queue_scores is None: return sinkhorn_knopp(out, eps=eps, n_iters=n_iters)
-    return sinkhorn_knopp(torch.cat([queue_scores.to(out.dtype), out], dim=1), eps=eps, n_iters=n_iters, keep_last=bs)
+    "Codes `[len(crop_assgn_ids), bs, n_protos]` of the assignment crops, from Sinkhorn-Knopp"
+    out = _rows(scores.detach().view(-1, bs, scores.shape[-1]), crop_assgn_ids)   # [A, bs, n_protos]
+    if queue_scores is None: return sinkhorn_knopp(out, eps=eps, n_sinkh_iter=n_sinkh_iter)
+    return sinkhorn_knopp(torch.cat([queue_scores.to(out.dtype), out], dim=1), eps=eps, n_sinkh_iter=n_sinkh_iter, keep_last=bs)
 
 def swav_loss(
-    scores: Tensor,                 # Scores of all crops [n_crops*bs, K], crop after crop (differentiable)
-    codes: Tensor,                  # Codes [len(crop_assgn_ids), bs, K] from `swav_codes`
+    scores: Tensor,                 # Scores of all crops [n_crops*bs, n_protos], crop after crop (differentiable)
+    codes: Tensor,                  # Codes [len(crop_assgn_ids), bs, n_protos] from `swav_codes`
     crop_assgn_ids: Sequence[int],  # Crops the codes were computed from
     temp: float = 0.1,              # Softmax temperature tau
 ) -> Tensor:
@@ -222,74 +291,53 @@ def swav_loss(
     own = torch.stack([ce[a, i] for a, i in enumerate(crop_assgn_ids)])   # each code against its own crop: left out
     return (ce.sum(1) - own).div(n_crops - 1).mean()
 
-# %% ../nbs/02_swav.ipynb #c031b
-def _float_bits(f: float | None) -> list[int]: return [0, 0] if f is None else [1, struct.unpack("<q", struct.pack("<d", f))[0]]
-def _bits_float(flag: int, bits: int) -> float | None: return struct.unpack("<d", struct.pack("<q", bits))[0] if flag else None
-
-def _py_rng(state: tuple) -> list[int]:
-    "python `random` state `(version, 625 ints, gauss_next)` as ints"
-    version, internal, gauss = state
-    return [version, *internal, *_float_bits(gauss)]
-
-def _np_rng(state: tuple) -> list[int]:
-    "numpy's legacy MT19937 state as ints"
-    _, keys, pos, has_gauss, cached = state
-    return [*keys.tolist(), pos, has_gauss, *_float_bits(cached)[1:]]
-
-def _loaders(dls) -> list:
-    "The fastai `DataLoader`s (each with its own `random.Random`) of a fastai `DataLoaders`, or of a list of loaders"
-    if dls is None: return []
-    loaders = list(dls.loaders) if hasattr(dls, "loaders") else list(dls)
-    return [dl for dl in loaders if isinstance(getattr(dl, "rng", None), random.Random)]   # torch's shuffle from torch's RNG
-
-def rng_state_tensor(dls=None) -> Tensor:
-    "torch (CPU and every initialised CUDA device), python, numpy and each of `dls`' `DataLoader` random states, as one int64 vector"
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    loaders = _loaders(dls)
-    parts = [torch.get_rng_state().long(), torch.tensor(_py_rng(random.getstate())), torch.tensor(_np_rng(np.random.get_state())),
-             *[torch.tensor(_py_rng(dl.rng.getstate())) for dl in loaders], *[s.long() for s in cuda]]
-    header = torch.tensor([len(loaders), len(cuda), *[len(t) for t in parts]])
-    return torch.cat([torch.tensor([len(header)]), header, *parts])
-
-def _py_state(v: list[int]) -> tuple: return (v[0], tuple(v[1:-2]), _bits_float(v[-2], v[-1]))
-
-def set_rng_state_tensor(t: Tensor, dls=None):
-    "Restore the random states packed by `rng_state_tensor` (the `DataLoader`s' too when `dls` is given)"
-    v = t.cpu().tolist()
-    header = v[1:1 + v[0]]
-    n_loaders, lens = header[0], header[2:]   # header[1]: the number of CUDA states, the parts after the loaders
-    parts, start = [], 1 + v[0]
-    for n in lens: parts.append(v[start:start + n]); start += n
-    torch.set_rng_state(torch.tensor(parts[0], dtype=torch.uint8))
-    random.setstate(_py_state(parts[1]))
-    keys, rest = parts[2][:624], parts[2][624:]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), rest[0], rest[1], _bits_float(1, rest[2])))
-    loaders = _loaders(dls)
-    if dls is not None and len(loaders) != n_loaders:
-        raise ValueError(f"The random state holds {n_loaders} DataLoaders' states but dls has {len(loaders)}: pass the same DataLoaders.")
-    for dl, s in zip(loaders, parts[3:3 + n_loaders]): dl.rng.setstate(_py_state(s))
-    cuda = parts[3 + n_loaders:]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
-
 # %% ../nbs/02_swav.ipynb #c033
-def _check_positive(name: str, v, integer: bool = False, minimum=None):
-    "`ValueError` naming `name` unless `v` is a positive number (int if `integer`, >= `minimum` if given)"
-    ok = isinstance(v, int) and not isinstance(v, bool) if integer else isinstance(v, (int, float)) and not isinstance(v, bool)
-    if not ok or (v < minimum if minimum is not None else v <= 0):
-        kind = "an int" if integer else "a number"
-        bound = f">= {minimum}" if minimum is not None else "> 0"
-        raise ValueError(f"{name} must be {kind} {bound}, got {v!r}")
-
 def _check_crop_assgn_ids(crop_assgn_ids, n_crops: int) -> list[int]:
-    "Valid, distinct crop ids, or a `ValueError` saying what is wrong"
+    "Valid, distinct crop ids, or a `SettingError` saying what is wrong"
     ids = list(crop_assgn_ids) if isinstance(crop_assgn_ids, (list, tuple)) else None
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"crop_assgn_ids must be a non-empty list of crop indices, got {crop_assgn_ids!r}")
+        raise SettingError("crop_assgn_ids", f"crop_assgn_ids must be a non-empty list of crop indices, got {crop_assgn_ids!r}")
     if any(not 0 <= i < n_crops for i in ids):
-        raise ValueError(f"crop_assgn_ids={ids} has ids outside 0..{n_crops - 1}: there are {n_crops} aug_pipelines (crops).")
-    if len(set(ids)) != len(ids): raise ValueError(f"crop_assgn_ids={ids} has duplicated ids.")
+        raise SettingError("crop_assgn_ids", f"crop_assgn_ids={ids} has ids outside 0..{n_crops - 1}: there are {n_crops} "
+                                             "aug_pipelines (crops).")
+    if len(set(ids)) != len(ids): raise SettingError("crop_assgn_ids", f"crop_assgn_ids={ids} has duplicated ids.")
     return ids
+
+def check_queue_length(
+    K: int,                  # Queue length per assignment crop
+    n_train: int,            # Number of training images
+    world_size: int | None = None, # Number of processes; default: torch.distributed's (1 without it)
+):
+    "A `SettingError` if a queue of `K` would hold the same image twice (more than the images each process sees)"
+    n = n_train // (world_size or world_rank()[0])
+    if K > n:
+        raise SettingError("K", f"K={K} (queue length) is larger than the training set ({n} images per process): the queue "
+                                f"would hold the same image twice. Use K <= {n}, or no queue (K=None; swav_pretrain --K 0).")
+
+def _global_bs(dl) -> int:
+    "Images per training step over all processes (0 if unknown): a fastai DataLoader's `bs`, or torch's `batch_size`"
+    return (getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0) * world_rank()[0]
+
+def _warn_few_images(bs: int, n_protos: int):
+    "Warn when, without a queue, Sinkhorn must spread every image over several prototypes"
+    if 0 < bs < n_protos:
+        warnings.warn(f"SWAV(K=None) computes codes from batches of {bs} images for {n_protos} prototypes: the "
+                      f"equal-use constraint gives each prototype {bs / n_protos:.2g} images' worth of codes, so every "
+                      f"code is spread over at least {n_protos / bs:.1f} prototypes and carries little signal. Use "
+                      f"n_protos <= {bs} (create_swav_model, or swav_pretrain --n_protos), a larger batch, or a queue "
+                      "(K, as the paper does with small batches).")
+
+@torch.no_grad()
+def normalize_prototypes(prototypes: nn.Linear):
+    "Rescale every prototype (row of the weight) to unit norm, in place (official code, before every step)"
+    prototypes.weight.copy_(F.normalize(prototypes.weight, dim=1))
+
+def _unpack_pred(pred, n_crops: int) -> tuple[Tensor, Tensor, int]:
+    "(embedding, scores, images per crop) from a model's output, or a clear error"
+    if not (isinstance(pred, (tuple, list)) and len(pred) == 2):
+        raise TypeError(f"SWAV expects the model to return (embedding, scores), got {type(pred).__name__}: use create_swav_model.")
+    if pred[1].shape[0] % n_crops: raise ValueError(f"The model returned {pred[1].shape[0]} rows, not a multiple of the {n_crops} crops.")
+    return pred[0], pred[1], pred[1].shape[0] // n_crops
 
 # %% ../nbs/02_swav.ipynb #c034
 class SWAV(Callback):
@@ -297,7 +345,7 @@ class SWAV(Callback):
     order, run_valid = 9, True   # before MixedPrecision (10): crops made in fp32, prototype grads cancelled before its step
 
     def __init__(self,
-        aug_pipelines: list[Pipeline],     # One augmentation pipeline per crop (see `get_swav_aug_pipelines`)
+        aug_pipelines: MultiCrop | list[Pipeline], # One pipeline per crop: `get_swav_aug_pipelines`, or a plain list
         crop_assgn_ids: Sequence[int],     # Crops whose codes are computed (the large crops: [0, 1])
         K: int | None = 3000,              # Queue length per assignment crop; None: no queue
         queue_start_pct: float = 0.25,     # Fraction of training after which the queue starts filling
@@ -306,246 +354,96 @@ class SWAV(Callback):
         n_sinkh_iter: int = 3,             # Sinkhorn iterations
         freeze_protos_iters: int = 313,    # Training iterations during which prototypes do not move
         print_augs: bool = False,          # Print the pipelines at the start of fit
-        resume_rng: bool = True,           # Keep the random state in the model each epoch; restore it when fit resumes
+        resume_rng: bool = True,           # Keep the random state on the model each epoch; restore it when fit resumes
     ):
-        self.augs = aug_pipelines   # checked, and grouped for `_make_crops`, by the setter
+        self.augs = aug_pipelines
         self.crop_assgn_ids = _check_crop_assgn_ids(crop_assgn_ids, len(self.augs))
-        if K is not None: _check_positive("K", K, integer=True)
-        if not (isinstance(queue_start_pct, (int, float)) and 0 <= queue_start_pct <= 1):
-            raise ValueError(f"queue_start_pct must be in [0, 1], got {queue_start_pct!r}")
-        _check_positive("temp", temp); _check_positive("eps", eps)
-        _check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
-        _check_positive("freeze_protos_iters", freeze_protos_iters, integer=True, minimum=0)
-        self.K, self.queue_start_pct, self.temp, self.eps = K, queue_start_pct, temp, eps
-        self.n_sinkh_iter, self.freeze_protos_iters, self.print_augs = n_sinkh_iter, freeze_protos_iters, print_augs
-        self.resume_rng, self._old_loss_func, self._resume_epoch = resume_rng, None, None
+        self.K = None if K is None else check_positive("K", K, integer=True)
+        self.queue_start_pct = check_in_range("queue_start_pct", queue_start_pct)
+        self.temp, self.eps = check_positive("temp", temp), check_positive("eps", eps)
+        self.n_sinkh_iter = check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
+        self.freeze_protos_iters = check_positive("freeze_protos_iters", freeze_protos_iters, integer=True, minimum=0)
+        self.print_augs, self.resume_rng, self._old_loss_func = print_augs, resume_rng, None
 
     @property
-    def augs(self) -> list[Pipeline]:
-        "The augmentation pipelines, one per crop; assigning a new list re-checks and re-groups them"
+    def augs(self) -> MultiCrop:
+        "The crops' pipelines; a plain list assigned here becomes a `MultiCrop` of one crop per group"
         return self._augs
     @augs.setter
-    def augs(self, pipes: list[Pipeline]):
-        assert_aug_pipelines(pipes)
-        if len(pipes) < 2: raise ValueError(f"SwAV needs at least 2 crops (aug_pipelines), got {len(pipes)}.")
-        self._augs = list(pipes)
-        self._plan_crops()
+    def augs(self, pipes: MultiCrop | list[Pipeline]):
+        self._augs = pipes if isinstance(pipes, MultiCrop) else MultiCrop(pipes)
+        if len(self._augs) < 2: raise SettingError("aug_pipelines", f"SwAV needs at least 2 crops (aug_pipelines), got {len(pipes)}.")
 
-    def _plan_crops(self):
-        "Groups of identical consecutive pipelines, each split into (crop, rest) to run the rest once per group"
-        split = lambda p: (Pipeline(p.fs[:1], split_idx=0), Pipeline(p.fs[1:], split_idx=0))
-        self._crop_plan = [(s, e, *(split(self._augs[s]) if e - s > 1 else (None, None))) for s, e in _pipeline_groups(self._augs)]
-
-    # ---- state on the model
     @property
     def swav_model(self) -> nn.Module:
-        "The model holding prototypes and queue (unwrapped from DDP/DataParallel)"
+        "The model holding prototypes and state modules (unwrapped from DDP/DataParallel)"
         return get_model(self.learn.model)
     @property
     def queue(self) -> Tensor | None:
         "The queues, `[len(crop_assgn_ids), K, projection_size]`, newest first; None without a queue"
-        return self.swav_model.queue if self.K is not None else None
+        return self.swav_model.queue.embeddings if self.K is not None else None
     @property
     def queue_len(self) -> int:
         "Number of filled entries in each queue"
-        return self._queue_len
+        return self.swav_model.queue.n_filled
+    def reset_queue(self):
+        "Empty the model's queue (a checkpoint's included)"
+        self.swav_model.queue.reset()
 
-    # ---- fit
-    def before_fit(self):
-        self._check_model()
-        self._plan_crops()   # pipelines changed in place since construction are grouped anew
-        self.crop_assgn_ids = _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))   # the pipelines may have changed
-        self._check_codes_batch()
-        self._setup_state()
-        self._resume_epoch = self._resuming_epoch()
-        if self.print_augs: print(*self.augs, sep="\n")
-        if self.learn.loss_func != self._swav_loss: self._old_loss_func = self.learn.loss_func
-        self.learn.loss_func = self._swav_loss
-    def before_epoch(self):
-        if self._resume_epoch is not None and self.epoch == self._resume_epoch: self._restore_rng()
-    def after_epoch(self):
-        if self.K is not None and _dist_on(): self._gather_rank_queues()
-        if self.resume_rng and self._resume_epoch is None: self._save_rng()   # not in the epochs skipped before a resume
+    # ---- events
+    def after_create(self):
+        if isinstance(getattr(self.swav_model, "prototypes", None), nn.Linear): self._attach_state()
+    def before_fit(self): self._attach_state(); self._check_fit(); self._swap_loss_func()
+    def after_epoch(self): self.swav_model.queue.gather_ranks()
     def after_cancel_fit(self): self._restore_loss_func()
     def after_fit(self): self._restore_loss_func()
-
-    # ---- batch
     def before_batch(self):
-        self._normalize_prototypes()
-        if not self.learn.yb: self.learn.yb = (torch.zeros(len(self.x), device=self.x.device),)   # images-only data
-        self.learn.xb = (self._make_crops(self.x),)
+        normalize_prototypes(self.swav_model.prototypes)
+        self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
     def before_step(self):
-        if self._iters < self.freeze_protos_iters: self.swav_model.prototypes.weight.grad = None
+        if int(self.swav_model.swav_iters) < self.freeze_protos_iters: self.swav_model.prototypes.weight.grad = None
     def after_batch(self):
-        if self.training: self._count_iter()
+        if self.training: self.swav_model.swav_iters.step()
 
-    # ---- helpers
-    def _check_model(self):
-        protos = getattr(self.swav_model, "prototypes", None)
-        if not isinstance(protos, nn.Linear):
-            raise TypeError("SWAV needs a model with a `prototypes` nn.Linear layer returning (embedding, scores): "
-                            "build it with create_swav_model(encoder).")
+    # ---- wiring
+    def _attach_state(self):
+        "The model's queue and iteration counter; with `resume_rng`, the `ResumeRandomState` keeping its random state"
+        attach_swav_state(self.swav_model)
+        if self.resume_rng and not any(isinstance(cb, ResumeRandomState) for cb in self.learn.cbs):
+            self.learn.add_cb(ResumeRandomState())
+            self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
 
-    def _check_codes_batch(self):
-        "Warn when, without a queue, Sinkhorn must spread every image over several prototypes"
-        dl = self.dls.train
-        per_process = getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0   # a fastai DataLoader or torch's
-        n_protos, bs = self.swav_model.prototypes.out_features, per_process * _world_rank()[0]
-        if self.K is None and 0 < bs < n_protos:
-            warnings.warn(f"SWAV(K=None) computes codes from batches of {bs} images for {n_protos} prototypes: the "
-                          f"equal-use constraint gives each prototype {bs / n_protos:.2g} images' worth of codes, so every "
-                          f"code is spread over at least {n_protos / bs:.1f} prototypes and carries little signal. Use "
-                          f"n_protos <= {bs} (create_swav_model, or swav_pretrain --n_protos), a larger batch, or a queue "
-                          "(K, as the paper does with small batches).")
-
-    def _setup_state(self):
-        "Create or check the queue buffers on the model; mirror counters on the host"
+    def _check_fit(self):
+        "Checks that need the model and the data (pipelines may have been replaced since construction); the queue shaped for the run"
         m = self.swav_model
-        for name in ("queue_len", "swav_iters"):
-            if not hasattr(m, name): m.register_buffer(name, torch.zeros((), dtype=torch.long, device=m.prototypes.weight.device))
-        if not hasattr(m, "queue"): m.register_buffer("queue", torch.zeros(0, 0, m.prototypes.in_features))
-        if self.K is not None: self._check_K()
-        expected = (len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
-        if tuple(m.queue.shape) != expected:
-            if int(m.queue_len) > 0 and self.K is not None:
-                raise ValueError(f"The model holds a queue of shape {tuple(m.queue.shape)} (from a checkpoint?) but "
-                                 f"SWAV(K={self.K}, crop_assgn_ids={self.crop_assgn_ids}) needs {expected}: pass the K and "
-                                 "crop_assgn_ids of that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
-            self.reset_queue()
-        if _dist_on() and self.K is not None: self._take_rank_queue()
-        self._queue_len, self._iters = int(m.queue_len), int(m.swav_iters)
+        self.crop_assgn_ids = _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))
+        if self.K is not None: check_queue_length(self.K, len(self.dls.train.dataset))
+        else: _warn_few_images(_global_bs(self.dls.train), m.prototypes.out_features)
+        m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
+        if self.print_augs: print(*self.augs, sep="\n")
 
-    def _take_rank_queue(self):
-        "Under DDP: this rank's own queue from `rank_queues` (a checkpoint); never a queue shared by all ranks"
-        (world, rank), m = _world_rank(), self.swav_model
-        if m.rank_queues.shape[0] == world and m.rank_queues.shape[1:] == m.queue.shape:
-            m.queue.copy_(m.rank_queues[rank]); m.queue_len.copy_(m.rank_queue_lens[rank])
-        elif int(m.queue_len) > 0:
-            warnings.warn(f"The model's queue does not come from {world} processes (a checkpoint of another run?): every "
-                          "rank would start with the same queue, so it is emptied and refilled.")
-            self.reset_queue()
-
-    @torch.no_grad()
-    def _gather_rank_queues(self):
-        "Every rank's queue into `rank_queues` on every rank, so that rank 0's checkpoint holds them all"
-        m = self.swav_model
-        m.rank_queues, m.rank_queue_lens = _all_gather_stack(m.queue), _all_gather_stack(m.queue_len)
-
-    def _check_K(self):
-        n = len(self.dls.train.dataset) // _world_rank()[0]
-        if self.K > n:
-            raise ValueError(f"K={self.K} is larger than the training set ({n} images per process): the queue would "
-                             f"hold the same image twice. Use K <= {n}, or K=None for no queue.")
-
-    def reset_queue(self):
-        "Empty the queue (shape `[len(crop_assgn_ids), K, projection_size]`)"
-        m = self.swav_model
-        w = m.prototypes.weight
-        m.queue = torch.zeros(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features, device=w.device)
-        m.queue_len.zero_()
-        if hasattr(m, "rank_queues"):   # a checkpoint's per-rank queues too
-            m.rank_queues, m.rank_queue_lens = m.rank_queues.new_zeros(0, 0, 0, m.prototypes.in_features), m.rank_queue_lens.new_zeros(0)
-        self._queue_len = 0
-
-    def _resuming_epoch(self) -> int | None:
-        "The epoch `fit(..., start_epoch=e)` resumes at, when the model holds the random state of the end of epoch e-1"
-        if not self.resume_rng: return None
-        skip = [cb for cb in self.learn.cbs if type(cb).__name__ == "SkipToEpoch"]
-        start, saved = (skip[0]._skip_to if skip else 0), int(self.swav_model.rng_epoch)
-        if start == 0 or saved < 0: return None
-        if saved != start - 1:
-            warnings.warn(f"The model holds the random state of the end of epoch {saved} but fit resumes at epoch {start}: "
-                          "the crops and shuffling will not retrace the interrupted run (load the checkpoint of epoch "
-                          f"{start - 1} to retrace it).")
-            return None
-        return start
-
-    def _save_rng(self):
-        "This rank's random state (all ranks' under DDP) into the model's `rng_states`"
-        m = self.swav_model
-        m.rng_states = _all_gather_stack(rng_state_tensor(self.dls).to(m.rng_states.device))
-        m.rng_epoch.fill_(self.epoch)
-
-    def _restore_rng(self):
-        "This rank's random state from the model, as saved at the end of the previous epoch"
-        (world, rank), m = _world_rank(), self.swav_model
-        if m.rng_states.shape[0] != world:
-            warnings.warn(f"The checkpoint holds the random state of {m.rng_states.shape[0]} processes, not {world}: "
-                          "the crops and shuffling will not retrace the interrupted run.")
-        else: set_rng_state_tensor(m.rng_states[rank], self.dls)
-        self._resume_epoch = None
-
+    def _swap_loss_func(self):
+        if self.learn.loss_func != self._swav_loss: self._old_loss_func = self.learn.loss_func
+        self.learn.loss_func = self._swav_loss
     def _restore_loss_func(self):
-        if self._old_loss_func is not None and self.learn.loss_func == self._swav_loss:
-            self.learn.loss_func = self._old_loss_func
-
-    @torch.no_grad()
-    def _normalize_prototypes(self):
-        w = self.swav_model.prototypes.weight
-        w.copy_(F.normalize(w, dim=1))
-
-    def _make_crops(self, x: Tensor) -> list[Tensor]:
-        x = x.as_subclass(Tensor) if isinstance(x, Tensor) else x
-        crops = []
-        for s, e, crop, rest in self._crop_plan:
-            if e - s == 1: crops.append(self.augs[s](x)); continue
-            crops += list(rest(torch.cat([crop(x) for _ in range(s, e)])).chunk(e - s))   # crop each, then one call for the rest
-        return crops
-
-    def _count_iter(self):
-        self._iters += 1
-        self.swav_model.swav_iters.add_(1)
+        if self._old_loss_func is not None and self.learn.loss_func == self._swav_loss: self.learn.loss_func = self._old_loss_func
 
     def _queue_filling(self) -> bool:
         "The queue takes new embeddings: training, past `queue_start_pct`"
         return self.K is not None and self.training and self.learn.pct_train >= self.queue_start_pct
-
     def _queue_in_use(self) -> bool:
         "The queue enters Sinkhorn: past `queue_start_pct` and full"
-        return self.K is not None and self._queue_len >= self.K and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
-
-    @torch.no_grad()
-    def _enqueue(self, embedding: Tensor, bs: int):
-        "Push the assignment crops' embeddings at the front of their queues"
-        m = self.swav_model
-        new = _rows(embedding.detach().view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids).to(m.queue.dtype)
-        m.queue.copy_(torch.cat([new, m.queue], dim=1)[:, :self.K])
-        self._queue_len = min(self.K, self._queue_len + bs)
-        m.queue_len.fill_(self._queue_len)
-
-    @torch.no_grad()
-    def _queue_scores(self) -> Tensor:
-        "Scores of the queued embeddings against the current prototypes, in float32"
-        m = self.swav_model
-        with _float32(m.queue): return m.queue.float() @ m.prototypes.weight.detach().float().t()
+        return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
 
     def _swav_loss(self, pred, *yb) -> Tensor:
         "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training"
-        embedding, scores = _unpack_pred(pred)
-        n_crops = len(self.augs)
-        if scores.shape[0] % n_crops: raise ValueError(f"The model returned {scores.shape[0]} rows, not a multiple of the {n_crops} crops.")
-        bs = scores.shape[0] // n_crops
+        embedding, scores, bs = _unpack_pred(pred, len(self.augs))
         m = self.swav_model
-        queue_scores = self._queue_scores() if self._queue_in_use() else None
+        queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
         codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
-        if self._queue_filling(): self._enqueue(embedding, bs)
+        if self._queue_filling(): m.queue.push(_rows(embedding.view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids))
         return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
 
     def show(self, n: int = 1):
         "Show `n` images of a training batch, each with all its crops, decoded"
-        import matplotlib.pyplot as plt
-        x = self.dls.train.one_batch()[0][:n].as_subclass(Tensor)
-        with torch.no_grad(): crops = [aug.decode(c).clamp(0, 1).cpu() for aug, c in zip(self.augs, self._make_crops(x))]
-        x = x.cpu()
-        fig, axs = plt.subplots(len(x), 1 + len(crops), figsize=(1.6 * (1 + len(crops)), 1.6 * len(x)), squeeze=False)
-        for i in range(len(x)):
-            for j, im in enumerate([x[i]] + [c[i] for c in crops]):
-                show_image(im, ax=axs[i, j], cmap="gray", title=("image" if j == 0 else f"crop {j - 1}") if i == 0 else None)
-        fig.tight_layout()
-        return fig
-
-def _unpack_pred(pred):
-    "(embedding, scores) from a model's output, or a clear error"
-    if not (isinstance(pred, (tuple, list)) and len(pred) == 2):
-        raise TypeError(f"SWAV expects the model to return (embedding, scores), got {type(pred).__name__}: use create_swav_model.")
-    return pred
+        return show_crops(self.dls.train.one_batch()[0][:n], self.augs)
