@@ -5,9 +5,11 @@
 # %% ../nbs/00_layers.ipynb #c003
 from __future__ import annotations
 import difflib
+import numbers
+import re
 import warnings
 from enum import Enum
-from typing import Callable
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -19,7 +21,8 @@ import fastai.vision.models.xresnet as fastai_xresnet
 
 # %% auto #0
 __all__ = ['PoolingType', 'create_timm_encoder', 'create_fastai_encoder', 'create_encoder', 'encoder_feature_dim',
-           'create_mlp_module', 'create_cls_module', 'create_model', 'encoder_head_splitter']
+           'min_input_size', 'check_encoder_input_size', 'create_mlp_module', 'create_cls_module', 'create_model',
+           'encoder_head_splitter']
 
 # %% ../nbs/00_layers.ipynb #c006
 class PoolingType(str, Enum):
@@ -65,22 +68,63 @@ def _check_timm_name(arch: str):
     raise ValueError(f"arch={arch!r} is neither a timm model nor a fastai architecture."
                      + _suggest(arch, timm.list_models() + list(_fastai_archs())))
 
+# Options `create_encoder` sets itself, with what to use instead
+_TIMM_RESERVED = dict(pretrained="use the pretrained argument", in_chans="use n_in", global_pool="use pool_type",
+                      num_classes="an encoder has no classifier (build a head with create_cls_module)")
+_FASTAI_RESERVED = dict(pretrained="use the pretrained argument", c_in="use n_in",
+                        n_out="an encoder has no head (build one with create_cls_module)")
+
+def _check_reserved(arch: str, kwargs: dict, reserved: dict):
+    "Raise a `TypeError` for an option in `kwargs` that `create_encoder` sets itself"
+    for k in kwargs:
+        if k in reserved: raise TypeError(f"{arch}: create_encoder sets {k} itself, so the option {k}={kwargs[k]!r} is refused; {reserved[k]}.")
+
+def _unexpected_kwarg(e: TypeError, kwargs: dict) -> str | None:
+    "The option of `kwargs` that a constructor's `TypeError` says it does not take, or None"
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    return m[1] if m and m[1] in kwargs else None
+
+def _option_error(arch: str, e: TypeError, kwargs: dict) -> TypeError | None:
+    "A `TypeError` naming the option in `kwargs` that `arch` does not take, or None if `e` is about something else"
+    bad = _unexpected_kwarg(e, kwargs)
+    if bad is None: return None
+    return TypeError(f"{arch} does not take the option {bad}={kwargs[bad]!r} ({e}); "
+                     "remove it from the options given to create_encoder (--arch_kwargs on the command line).")
+
 # %% ../nbs/00_layers.ipynb #c012
+def _timm_build(arch: str, pretrained: bool, n_in: int, pool: str, kwargs: dict) -> nn.Module:
+    "A timm model without its classifier; it keeps its own pooling, with a warning, if it does not support `pool`"
+    common = dict(pretrained=pretrained, num_classes=0, in_chans=n_in, **kwargs)
+    try: return timm.create_model(arch, global_pool=pool, **common)
+    except (AssertionError, ValueError) as e:
+        if "pool" not in str(e).lower(): raise
+    warnings.warn(f"{arch} does not support pool_type={pool!r}; it keeps its own pooling. "
+                  "Pass pool_type=PoolingType.Avg to silence this warning.")
+    return timm.create_model(arch, **common)
+
+def _timm_build_any_size(arch: str, pretrained: bool, n_in: int, pool: str, kwargs: dict) -> nn.Module:
+    "`_timm_build` with `dynamic_img_size=True` if the model takes it and `kwargs` does not set it"
+    if "dynamic_img_size" in kwargs: return _timm_build(arch, pretrained, n_in, pool, kwargs)
+    try: return _timm_build(arch, pretrained, n_in, pool, {**kwargs, "dynamic_img_size": True})
+    except TypeError as e:
+        if _unexpected_kwarg(e, {"dynamic_img_size": True}) is None: raise
+    return _timm_build(arch, pretrained, n_in, pool, kwargs)
+
 def create_timm_encoder(
     arch: str,                                      # A timm model name, e.g. "resnet18", "vit_tiny_patch16_224"
     pretrained: bool = True,                        # Load timm's pretrained weights
     n_in: int = 3,                                  # Number of input channels
     pool_type: PoolingType = PoolingType.CatAvgMax, # Global pooling at the end of the encoder
+    **kwargs,                                       # Passed to `timm.create_model` (e.g. drop_path_rate=0.1); ViTs get dynamic_img_size=True unless set here
 ) -> nn.Module:
-    "A timm model without its classifier, mapping images to flat features"
+    "A timm model without its classifier, mapping images of any size it can take to flat features"
     _check_timm_name(arch)
-    pool = PoolingType(pool_type).value
-    try: return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=n_in, global_pool=pool)
-    except (AssertionError, ValueError) as e:
-        if "pool" not in str(e).lower(): raise
-    warnings.warn(f"{arch} does not support pool_type={pool!r}; it keeps its own pooling. "
-                  "Pass pool_type=PoolingType.Avg to silence this warning.")
-    return timm.create_model(arch, pretrained=pretrained, num_classes=0, in_chans=n_in)
+    _check_reserved(arch, kwargs, _TIMM_RESERVED)
+    try: return _timm_build_any_size(arch, pretrained, n_in, PoolingType(pool_type).value, kwargs)
+    except TypeError as e:
+        err = _option_error(arch, e, kwargs)
+        if err is None: raise
+        raise err from e
 
 # %% ../nbs/00_layers.ipynb #c015
 def create_fastai_encoder(
@@ -88,12 +132,19 @@ def create_fastai_encoder(
     pretrained: bool = True,                        # Load pretrained weights where the architecture has them
     n_in: int = 3,                                  # Number of input channels
     pool_type: PoolingType = PoolingType.CatAvgMax, # Global pooling at the end of the encoder
+    **kwargs,                                       # Passed to the architecture function (e.g. act_cls=nn.SiLU, sa=True)
 ) -> nn.Module:
     "A fastai architecture cut before its head, followed by pooling and flattening"
     if not callable(arch) or isinstance(arch, nn.Module):
         raise TypeError(f"arch must be a fastai architecture function such as xresnet18, got {arch!r}")
-    body = create_body(arch(pretrained=pretrained), n_in=n_in, pretrained=pretrained)
-    return nn.Sequential(body, _fastai_pool(pool_type))
+    name = getattr(arch, "__name__", repr(arch))
+    _check_reserved(name, kwargs, _FASTAI_RESERVED)
+    try: model = arch(pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        err = _option_error(name, e, kwargs)
+        if err is None: raise
+        raise err from e
+    return nn.Sequential(create_body(model, n_in=n_in, pretrained=pretrained), _fastai_pool(pool_type))
 
 # %% ../nbs/00_layers.ipynb #c018
 def create_encoder(
@@ -101,14 +152,15 @@ def create_encoder(
     pretrained: bool = True,                        # Load pretrained weights
     n_in: int = 3,                                  # Number of input channels
     pool_type: PoolingType = PoolingType.CatAvgMax, # Global pooling at the end of the encoder
+    **kwargs,                                       # Passed to `timm.create_model` or to the fastai architecture function
 ) -> nn.Module:
     "An encoder mapping images to flat features, from timm or fastai"
     if isinstance(arch, str):
         fastai_archs = _fastai_archs()
         if arch in fastai_archs and not timm.is_model(arch):
-            return create_fastai_encoder(fastai_archs[arch], pretrained=pretrained, n_in=n_in, pool_type=pool_type)
-        return create_timm_encoder(arch, pretrained=pretrained, n_in=n_in, pool_type=pool_type)
-    return create_fastai_encoder(arch, pretrained=pretrained, n_in=n_in, pool_type=pool_type)
+            return create_fastai_encoder(fastai_archs[arch], pretrained=pretrained, n_in=n_in, pool_type=pool_type, **kwargs)
+        return create_timm_encoder(arch, pretrained=pretrained, n_in=n_in, pool_type=pool_type, **kwargs)
+    return create_fastai_encoder(arch, pretrained=pretrained, n_in=n_in, pool_type=pool_type, **kwargs)
 
 # %% ../nbs/00_layers.ipynb #c021
 def _timm_feature_dim(encoder: nn.Module) -> int | None:
@@ -140,6 +192,91 @@ def encoder_feature_dim(
 ) -> int:
     "Width of the features `encoder` returns"
     return _timm_feature_dim(encoder) or _probe_feature_dim(encoder)
+
+# %% ../nbs/00_layers.ipynb #c022b
+def _encoder_name(encoder: nn.Module) -> str:
+    "The timm architecture name of `encoder`, or its class name"
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(encoder).__name__
+
+def _patch_size(encoder: nn.Module) -> int | None:
+    "The patch size of a timm patch-embedding model, or None"
+    ps = getattr(getattr(encoder, "patch_embed", None), "patch_size", None)
+    if ps is None: return None
+    return int(max(ps)) if isinstance(ps, (tuple, list)) else int(ps)
+
+@torch.no_grad()
+def _try_size(encoder: nn.Module, size: int, n_in: int) -> Exception | None:
+    "The error a forward pass of two blank `size` px images raises in `encoder` (in eval mode), or None"
+    p = next(encoder.parameters(), None)
+    x = torch.zeros(2, n_in, size, size, dtype=p.dtype if p is not None else None, device=p.device if p is not None else None)
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    try: encoder(x)
+    except (RuntimeError, AssertionError, ValueError) as e: return e
+    finally:
+        for m, training in modes: m.training = training
+    return None
+
+def _model_img_size(encoder: nn.Module) -> int | None:
+    "The image size a timm patch-embedding model was built for, or None"
+    size = getattr(getattr(encoder, "patch_embed", None), "img_size", None)
+    if size is None: return None
+    return int(max(size)) if isinstance(size, (tuple, list)) else int(size)
+
+def _candidate_sizes(patch: int | None, max_size: int, img_size: int | None = None) -> list[int]:
+    "Sizes to try, smallest first: powers of two; for a patch model multiples of its patch size and its own image size"
+    sizes = {2 ** k for k in range(max_size.bit_length())}
+    if patch: sizes |= {patch * k for k in (1, 2, 3, 4)} | {patch * 2 ** k for k in range(max_size.bit_length())}
+    if img_size: sizes.add(img_size)
+    return sorted(s for s in sizes if s <= max_size)
+
+def min_input_size(
+    encoder: nn.Module,     # An encoder taking [batch, n_in, size, size] images
+    n_in: int | None = None, # Input channels; None reads them from the first convolution
+    max_size: int = 1024,   # Largest size to try
+) -> int | None:
+    "The smallest square crop size `encoder` takes among powers of two (and multiples of its patch size), or None"
+    n_in = n_in or in_channels(encoder)
+    sizes = _candidate_sizes(_patch_size(encoder), max_size, _model_img_size(encoder))
+    return next((s for s in sizes if _try_size(encoder, s, n_in) is None), None)
+
+# %% ../nbs/00_layers.ipynb #c022e
+def _first_line(e: Exception) -> str:
+    "`Type: first line of the message` of an exception, at most 160 characters"
+    line = next((l for l in str(e).splitlines() if l.strip()), "").strip()
+    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
+
+def _size_fix(encoder: nn.Module, size: int, n_in: int, max_size: int) -> str:
+    "What to pass instead of a crop size `encoder` cannot take"
+    patch = _patch_size(encoder)
+    if patch and getattr(encoder, "dynamic_img_size", None) is False:
+        return (f"it was built for {_model_img_size(encoder)} px images only; build it with dynamic_img_size=True "
+                "(create_encoder does) to take other sizes")
+    smallest = min_input_size(encoder, n_in, max_size)
+    if smallest is None: return f"it takes none of the sizes tried up to {max_size} px"
+    fix = f"the smallest crop size it accepts is {smallest} px; pass crop sizes >= {smallest}"
+    return fix + (f" that are multiples of its patch size {patch} px" if patch and size % patch else "")
+
+def check_encoder_input_size(
+    encoder: nn.Module,          # An encoder taking [batch, n_in, size, size] images
+    sizes: int | Sequence[int],  # Crop sizes in pixels (e.g. the multi-crop sizes)
+    n_in: int | None = None,     # Input channels; None reads them from the first convolution
+    name: str | None = None,     # Name for the message; None uses the timm architecture or the class name
+    max_size: int = 1024,        # Largest size tried when looking for the smallest accepted one
+) -> None:
+    "Raise a one-line `ValueError` naming the smallest size `encoder` takes if it cannot take every crop size in `sizes`"
+    sizes = [sizes] if isinstance(sizes, numbers.Integral) else list(sizes)
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise TypeError(f"sizes must be positive integers (crop sizes in pixels), got {sizes!r}")
+    n_in = n_in or in_channels(encoder)
+    failed = {s: e for s in dict.fromkeys(int(s) for s in sizes) if (e := _try_size(encoder, s, n_in)) is not None}
+    if not failed: return
+    first, err = next(iter(failed.items()))
+    px = ", ".join(str(s) for s in failed)
+    raise ValueError(f"encoder {name or _encoder_name(encoder)} cannot take {px} px crops ({_first_line(err)}): "
+                     + _size_fix(encoder, first, n_in, max_size))
 
 # %% ../nbs/00_layers.ipynb #c024
 def create_mlp_module(
@@ -190,11 +327,12 @@ def create_model(
     pretrained: bool = True,                     # Pretrained weights when building from an architecture
     n_in: int = 3,                               # Input channels when building from an architecture
     pool_type: PoolingType = PoolingType.CatAvgMax, # Pooling when building from an architecture
+    arch_kwargs: dict | None = None,             # Options passed to `create_encoder` when building from an architecture
     **head_kwargs,                               # Passed to `create_cls_module` (lin_ftrs, ps, ...)
 ) -> nn.Sequential:
     "`nn.Sequential(encoder, head)` for downstream training"
     encoder = arch_or_encoder if isinstance(arch_or_encoder, nn.Module) else \
-        create_encoder(arch_or_encoder, pretrained=pretrained, n_in=n_in, pool_type=pool_type)
+        create_encoder(arch_or_encoder, pretrained=pretrained, n_in=n_in, pool_type=pool_type, **(arch_kwargs or {}))
     return nn.Sequential(encoder, create_cls_module(encoder_feature_dim(encoder), n_out, **head_kwargs))
 
 def encoder_head_splitter(model: nn.Module) -> list:
