@@ -518,7 +518,7 @@ def swav_cluster(
     files = [files[i] for i in idx[ok].tolist()]
     if not files: raise UsageError(f"none of the images in {str(root)!r} can be decoded (e.g. {str(unreadable[0])!r})")
     temp = float(meta.get("temp") or 0.1)
-    res = prototype_assignments(z[ok], _prototypes(net).weight.detach().cpu(), temp=temp, balanced=balanced)
+    res = prototype_assignments(z[ok], _prototypes(net).weight.detach().cpu(), temp=temp, balanced=balanced, device=dev)
     labels = folder_labels(root, files)
     stats = cluster_stats(res, labels=labels)
     out = Path(output)
