@@ -310,7 +310,12 @@ def _figure(title: str, xlabel: str, ylabel: str):
     ax = fig.add_subplot()
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
+    _integer_ticks(ax)
     return fig, ax
+
+def _integer_ticks(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 def _save(fig, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -355,6 +360,7 @@ def _plot_protos(cols: dict, n_protos: int, path: Path) -> Path:
         ax = fig.add_subplot(2, 1, i + 1)
         ax.set(title=name, xlabel="epoch")
         ax.grid(alpha=0.3)
+        _integer_ticks(ax)
         if _has(cols, name): ax.plot(*_points(x, cols[name]), "o-", label=name)
         ax.axhline(ref, color="gray", ls="--", label=label)
         ax.legend()
