@@ -29,6 +29,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from self_supervised_swav.cli import UsageError, folder_labels
     from self_supervised_swav.evaluation import extract_features
+    from self_supervised_swav.finetune import load_swav_model
 
 # %% auto #0
 __all__ = ['embed_images', 'balanced_assign', 'PrototypeAssignments', 'prototype_assignments', 'assign_prototypes',
@@ -397,7 +398,6 @@ def _load_model(path: str | Path) -> tuple[nn.Module, dict]:
     "(model, metadata) of a full SwAV model file; `UsageError` in one line if it is not one"
     path = Path(path)
     if not path.is_file(): raise UsageError(f"--model {str(path)!r} does not exist: pass the swav_model.pth that swav_pretrain wrote")
-    from self_supervised_swav.finetune import load_swav_model
     try: model, meta = load_swav_model(path)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]

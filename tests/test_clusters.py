@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+import self_supervised_swav.clusters as clusters
 import self_supervised_swav.finetune as finetune
 from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, main, nearest_images,
                                            prototype_assignments, show_feature_map, show_prototypes, swav_cluster)
@@ -157,22 +158,12 @@ def test_map_and_nearest_images(model, x16):
 
 def save_model(path: Path, model, **meta):
     "A full-model file as swav_pretrain writes it (`save_swav_model`), read back by `load_swav_model`"
-    meta = dict(arch="resnet10t", stats=([0.3], [0.3]), image_size=SIZE, temp=0.1, **meta)
-    if hasattr(finetune, "save_swav_model"): return finetune.save_swav_model(model, path, **meta)
-    torch.save(dict(model=model.state_dict(), meta=dict(meta, n_in=1)), path)   # the same layout, before finetune had it
-    return path
+    return finetune.save_swav_model(model, path, **dict(arch="resnet10t", stats=([0.3], [0.3]), image_size=SIZE, temp=0.1, **meta))
 
 
-@pytest.fixture
-def fake_loader(monkeypatch):
-    "`load_swav_model` stand-in only if finetune does not have it yet"
-    if hasattr(finetune, "load_swav_model"): return
-    def load(path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt: raise ValueError(f"{path} is not a full SwAV model")
-        m = tiny_model(ckpt["meta"]["n_in"]); m.load_state_dict(ckpt["model"])
-        return m, ckpt["meta"]
-    monkeypatch.setattr(finetune, "load_swav_model", load, raising=False)
+def load_returns(monkeypatch, model, meta):
+    "Make swav_cluster's `load_swav_model` return (model, meta), for models no file describes"
+    monkeypatch.setattr(clusters, "load_swav_model", lambda path: (model, meta))
 
 
 def digits_folder(root: Path, digits_at, n=20, rgb=False) -> Path:
@@ -193,7 +184,7 @@ def run(argv, capsys):
     return err
 
 
-def test_swav_cluster_end_to_end(tmp_path, model, digits_at, fake_loader, capsys):
+def test_swav_cluster_end_to_end(tmp_path, model, digits_at, capsys):
     folder = digits_folder(tmp_path / "imgs", digits_at)
     (folder / "class_0" / "broken.png").write_bytes(b"not a png")          # skipped and counted
     out = tmp_path / "out"
@@ -214,14 +205,14 @@ def test_swav_cluster_end_to_end(tmp_path, model, digits_at, fake_loader, capsys
     assert sum(s["sizes"][int(p.name.split("_")[1])] for p in (out / "by_prototype").iterdir()) == 20
 
 
-def test_swav_cluster_unlabelled_flat_folder(tmp_path, model, digits_at, fake_loader):
+def test_swav_cluster_unlabelled_flat_folder(tmp_path, model, digits_at):
     folder = digits_folder(tmp_path / "imgs", digits_at, n=6)
     for f in list(folder.rglob("*.png")): f.rename(folder / f.name)
     s = swav_cluster(str(save_model(tmp_path / "m.pth", model)), str(folder), output=str(tmp_path / "o"), progress=False)
     assert not s["labelled"] and s["nmi"] is None and s["n_images"] == 6
 
 
-def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, fake_loader, monkeypatch, capsys):
+def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, monkeypatch, capsys):
     folder = digits_folder(tmp_path / "imgs", digits_at, n=4)
     good = str(save_model(tmp_path / "m.pth", model))
     common = ["--output", str(tmp_path / "o"), "--no_progress"]
@@ -230,9 +221,8 @@ def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, fake_loader, monkey
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pth")
     assert "is not a SwAV model file" in run(["--model", str(tmp_path / "weights.pth"), "--path", str(folder)] + common, capsys)
     assert "does not exist" in run(["--model", str(tmp_path / "none.pth"), "--path", str(folder)] + common, capsys)
-    if hasattr(finetune, "save_encoder"):
-        finetune.save_encoder(model, tmp_path / "encoder.pth", arch="resnet10t", image_size=SIZE)
-        assert "is not a SwAV model file" in run(["--model", str(tmp_path / "encoder.pth"), "--path", str(folder)] + common, capsys)
+    finetune.save_encoder(model, tmp_path / "encoder.pth", arch="resnet10t", image_size=SIZE)
+    assert "is not a SwAV model file" in run(["--model", str(tmp_path / "encoder.pth"), "--path", str(folder)] + common, capsys)
     (tmp_path / "empty").mkdir()
     assert "no images in" in run(["--model", good, "--path", str(tmp_path / "empty")] + common, capsys)
     assert "does not exist" in run(["--model", good, "--path", str(tmp_path / "nowhere")] + common, capsys)
@@ -244,12 +234,12 @@ def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, fake_loader, monkey
     # a model that takes only one image size: an encoder of fixed-size input
     enc = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * SIZE * SIZE, 32))
     fixed = SwAVModel(enc, torch.nn.Linear(32, 16), torch.nn.Linear(16, N_PROTOS, bias=False)).eval()
-    monkeypatch.setattr(finetune, "load_swav_model", lambda p: (fixed, dict(n_in=1, image_size=SIZE, stats=None)), raising=False)
+    load_returns(monkeypatch, fixed, dict(n_in=1, image_size=SIZE, stats=None))
     assert "cannot take 1-channel 24x24 px" in run(["--model", good, "--path", str(folder), "--size", "24"] + common, capsys)
-    monkeypatch.setattr(finetune, "load_swav_model", lambda p: (fixed, dict(n_in=3, image_size=SIZE, stats=None)), raising=False)
+    load_returns(monkeypatch, fixed, dict(n_in=3, image_size=SIZE, stats=None))
     assert "cannot take 3-channel" in run(["--model", good, "--path", str(folder)] + common, capsys)
-    monkeypatch.setattr(finetune, "load_swav_model", lambda p: (fixed, dict(n_in=4, image_size=SIZE)), raising=False)
+    load_returns(monkeypatch, fixed, dict(n_in=4, image_size=SIZE))
     assert "4-channel" in run(["--model", good, "--path", str(folder)] + common, capsys)
-    monkeypatch.setattr(finetune, "load_swav_model", lambda p: (torch.nn.Linear(2, 2), {}), raising=False)
+    load_returns(monkeypatch, torch.nn.Linear(2, 2), {})
     assert "without prototypes" in run(["--model", good, "--path", str(folder)] + common, capsys)
     assert not (tmp_path / "o").exists()
