@@ -68,7 +68,7 @@ def _arch_name(arch: str | Callable | None, encoder: nn.Module) -> str:
 
 def _pool_type(encoder: nn.Module) -> str:
     "The `PoolingType` value of a timm or `create_fastai_encoder` encoder; 'catavgmax' (the default) if unknown"
-    name = getattr(getattr(encoder, "global_pool", None), "pool_type", None)   # timm's SelectAdaptivePool2d
+    name = next((m.pool_type for m in encoder.modules() if type(m).__name__ == "SelectAdaptivePool2d"), None)  # timm (also in a head)
     if name is None and isinstance(encoder, nn.Sequential) and len(encoder):
         last = encoder[-1]
         name = _POOL_LAYERS.get(type(last[0] if isinstance(last, nn.Sequential) and len(last) else last).__name__)

@@ -316,3 +316,10 @@ def test_finetune_from_file_without_stats(tmp_path, dls16):
     path = save_encoder(perturb(create_encoder("resnet10t", pretrained=False, n_in=1)), tmp_path / "enc.pth")
     learn = finetune_learner(dls16, str(path), n_out=10)
     assert learn.encoder_meta["stats"] is None and not isinstance(learn.model[0], nn.Sequential)
+
+
+@pytest.mark.parametrize("arch,pool", [("resnet10t", "avg"), ("resnet10t", "max"), ("convnext_atto", "avg")])
+def test_pool_type_is_read_from_the_encoder(arch, pool, tmp_path):
+    enc = create_encoder(arch, pretrained=False, n_in=1, pool_type=pool)
+    fresh, meta = load_pretrained_encoder(save_encoder(enc, tmp_path / "e.pth"))
+    assert meta["pool_type"] == pool and meta["feature_dim"] == fresh(torch.rand(2, 1, 32, 32)).shape[1]
