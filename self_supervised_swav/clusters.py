@@ -489,6 +489,7 @@ def swav_cluster(
     model: str,                     # The full SwAV model swav_pretrain writes (OUTPUT/swav_model.pth)
     path: str,                      # Folder of images, searched recursively; one sub-folder per class gives NMI/ARI/purity
     balanced: bool = False,         # Balanced assignments (Sinkhorn-Knopp over the whole folder) instead of the argmax
+    eps: float = 0.05,              # Sinkhorn epsilon of the balanced assignments: smaller is closer to equal sizes
     output: str = "swav_clusters",  # Folder for clusters.csv, prototypes.png, map.png, summary.json
     link: bool = False,             # Also write by_prototype/: one folder per prototype of symbolic links to its images
     size: int | None = None,        # Side of the images in px; default: the model's pretraining size
@@ -503,6 +504,7 @@ def swav_cluster(
 ) -> dict:
     "Assign the images of a folder to the prototypes of a SwAV model and write the clusters; `UsageError` for bad input"
     if map not in ("pca", "tsne"): raise UsageError(f"--map must be pca or tsne, got {map!r}")
+    if not eps > 0: raise UsageError(f"--eps must be positive, got {eps!r}")
     for name, v in dict(bs=bs, rows=rows, cols=cols).items():
         if v < 1: raise UsageError(f"--{name} must be a positive int, got {v}")
     net, meta = _load_model(model)
@@ -518,7 +520,7 @@ def swav_cluster(
     files = [files[i] for i in idx[ok].tolist()]
     if not files: raise UsageError(f"none of the images in {str(root)!r} can be decoded (e.g. {str(unreadable[0])!r})")
     temp = float(meta.get("temp") or 0.1)
-    res = prototype_assignments(z[ok], _prototypes(net).weight.detach().cpu(), temp=temp, balanced=balanced, device=dev)
+    res = prototype_assignments(z[ok], _prototypes(net).weight.detach().cpu(), temp=temp, balanced=balanced, eps=eps, device=dev)
     labels = folder_labels(root, files)
     stats = cluster_stats(res, labels=labels)
     out = Path(output)
@@ -529,7 +531,7 @@ def swav_cluster(
     written = ["clusters.csv", "prototypes.png", "map.png", "summary.json"] + (["by_prototype/"] if link else [])
     if link: _write_links(out, root, files, res)
     summary = dict(model=str(model), path=str(root), n_images=len(files), n_unreadable=len(unreadable),
-                   unreadable=[str(f) for f in unreadable[:20]], balanced=balanced, n_protos=res.n_protos, temp=temp,
+                   unreadable=[str(f) for f in unreadable[:20]], balanced=balanced, eps=eps if balanced else None, n_protos=res.n_protos, temp=temp,
                    image_size=size, n_in=n_in, labelled=labels is not None, files=written, **stats.as_dict())
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     used = res.n_protos - stats.n_empty
@@ -547,6 +549,7 @@ def cluster_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the full model swav_pretrain writes (OUTPUT/swav_model.pth)")
     p.add_argument("--path", required=True, help="folder of images (searched recursively); one sub-folder per class adds NMI, ARI and purity")
     p.add_argument("--balanced", action="store_true", help="balanced assignments: Sinkhorn-Knopp over the whole folder (equal-size prototypes)")
+    p.add_argument("--eps", type=float, default=0.05, help="Sinkhorn epsilon of --balanced: smaller is closer to equal sizes (default: 0.05)")
     p.add_argument("--output", default="swav_clusters", help="output folder (default: swav_clusters)")
     p.add_argument("--link", action="store_true", help="also write by_prototype/, one folder per prototype of symbolic links to its images")
     p.add_argument("--size", type=int, default=None, help="side of the images in px (default: the model's pretraining size)")

@@ -221,6 +221,7 @@ def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, monkeypatch, capsys
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pth")
     assert "is not a SwAV model file" in run(["--model", str(tmp_path / "weights.pth"), "--path", str(folder)] + common, capsys)
     assert "does not exist" in run(["--model", str(tmp_path / "none.pth"), "--path", str(folder)] + common, capsys)
+    assert "--eps must be positive" in run(["--model", good, "--path", str(folder), "--balanced", "--eps", "0"] + common, capsys)
     finetune.save_encoder(model, tmp_path / "encoder.pth", arch="resnet10t", image_size=SIZE)
     assert "is not a SwAV model file" in run(["--model", str(tmp_path / "encoder.pth"), "--path", str(folder)] + common, capsys)
     (tmp_path / "empty").mkdir()
