@@ -4,11 +4,11 @@ torchvision multi-crop, as the official SwAV code and lightly do it.
 Every contender turns the same uint8 images into all crops of the recipe (by default 2 large + 6 small, the official
 colour distortion, grayscale, blur, flip, normalisation) and hands back one float batch per crop:
 
-* `project`: `get_swav_aug_pipelines(...)` on the whole batch (`x.float() / 255` included), on `--device`, as
-  `SWAV._make_crops` applies them: for each group of identical pipelines, `RandomResizedCrop` once per crop, then the
-  rest of the pipeline in one call on the concatenated crops.
-* `project-ungrouped`: the same pipelines called one after the other, one call per crop (`SWAV._make_crops` before
-  commit c374bd5): what grouping saves.
+* `project`: the `MultiCrop` of `get_swav_aug_pipelines(...)` called on the whole batch (`x.float() / 255` included),
+  on `--device`, as `SWAV` calls it (`learn.swav.augs(x)`): for each declared group of identical pipelines,
+  `RandomResizedCrop` once per crop, then the rest of the pipeline in one call on the concatenated crops.
+* `project-ungrouped`: the same pipelines as a `MultiCrop` of one crop per group (what a plain list of pipelines
+  becomes), so one call per crop (the project before commit c374bd5): what grouping saves.
 * `official`: the official `MultiCropDataset` transform written plainly below (torchvision `RandomResizedCrop`,
   flip, `RandomApply(ColorJitter)`, `RandomGrayscale`, PIL Gaussian blur, `ToTensor`, `Normalize`), image by image
   from PIL images, then stacked into batches.
@@ -24,22 +24,17 @@ batch of each worker dropped. Contenders are interleaved batch-round by batch-ro
 """
 from __future__ import annotations
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
-import warnings
 
 import torch
 from torch import Tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (CONFIGS, CROP_IDS, LIGHTLY_MISSING, MAX_SCALES, MIN_SCALES, lightly_available,  # noqa: E402
-                        lightly_transform, flat, make_images, paired_ratio, swav_augs, sync)
+import harness as H  # noqa: E402
+from contenders import (CONFIGS, MAX_SCALES, MIN_SCALES, TINY, PILImages, available, lightly_transform,  # noqa: E402
+                        make_images, swav_augs)
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)   # as in the official main_swav.py
 
 
@@ -67,64 +62,39 @@ def official_transform(a: argparse.Namespace):
     return lambda img: [t(img) for t in tfms]
 
 
-class _PerImage(torch.utils.data.Dataset):
-    "uint8 images -> PIL -> a per-image multi-crop transform (a list of crops)"
-    def __init__(self, images: Tensor, transform): self.images, self.transform = images, transform
-    def __len__(self): return len(self.images)
-    def __getitem__(self, i):
-        from PIL import Image
-        return self.transform(Image.fromarray(self.images[i].permute(1, 2, 0).numpy()))
-
-
 # ---- contenders
 class ProjectAugs:
-    "The project's pipelines on whole batches: as `SWAV._make_crops` groups them, or one call per crop (`grouped=False`)"
+    "The project's `MultiCrop` on whole batches: its declared groups (`grouped`), or one group per crop"
     def __init__(self, a, images: Tensor, threads: int, grouped: bool = True):
-        from self_supervised_swav.swav import SWAV
-        self.a, self.images, self.threads, augs = a, images, threads, swav_augs(a)
+        from self_supervised_swav.augmentations import MultiCrop
+        self.a, self.images, self.threads = a, images, threads
         self.name = "project" if grouped else "project-ungrouped"
-        self.make_crops = SWAV(augs, CROP_IDS, K=None)._make_crops if grouped else lambda x: [aug(x) for aug in augs]
+        multi_crop = swav_augs(a)
+        self.multi_crop = multi_crop if grouped else MultiCrop(list(multi_crop))   # groups=None: one call per pipeline
+    def _batch(self, i: int) -> list[Tensor]:
+        b = self.images[(i * self.a.bs) % len(self.images):][:self.a.bs]
+        return self.multi_crop(b.to(self.a.device).float().div_(255))
     def run(self, n: int) -> list[float]:
-        old = torch.get_num_threads(); torch.set_num_threads(self.threads)
-        try:
-            times = []
-            for i in range(n):
-                b = self.images[(i * self.a.bs) % len(self.images):][:self.a.bs]
-                sync(self.a.device); t = time.perf_counter()
-                x = b.to(self.a.device).float().div_(255)
-                crops = self.make_crops(x)
-                sync(self.a.device); times.append(time.perf_counter() - t)
-            assert len(crops) == sum(self.a.num_crops)
-            return times
-        finally: torch.set_num_threads(old)
+        with H.torch_threads(self.threads): return H.time_each(self._batch, n, self.a.device)
 
 
 class PerImageAugs:
     "A per-image multi-crop transform, in this process (`workers=0`) or in DataLoader workers"
     def __init__(self, name: str, a, images: Tensor, transform, workers: int):
         self.name, self.a, self.workers = name, a, workers
-        self.ds = _PerImage(images, transform)
+        self.ds = PILImages(images, transform)
+    def _batch(self, i: int) -> list[Tensor]:
+        views = [self.ds[(i * self.a.bs + j) % len(self.ds)] for j in range(self.a.bs)]
+        return [torch.stack(c) for c in zip(*views)]
     def run(self, n: int) -> list[float]:
         if self.workers == 0:
-            old = torch.get_num_threads(); torch.set_num_threads(1)
-            try:
-                times = []
-                for i in range(n):
-                    t = time.perf_counter()
-                    views = [self.ds[(i * self.a.bs + j) % len(self.ds)] for j in range(self.a.bs)]
-                    crops = [torch.stack(c) for c in zip(*views)]
-                    times.append(time.perf_counter() - t)
-                assert len(crops) == sum(self.a.num_crops)
-                return times
-            finally: torch.set_num_threads(old)
-        loader = torch.utils.data.DataLoader(self.ds, batch_size=self.a.bs, shuffle=True, num_workers=self.workers)
-        it, times = iter(loader), []
+            with H.torch_threads(1): return H.time_each(self._batch, n, torch.device("cpu"))
+        it = iter(torch.utils.data.DataLoader(self.ds, batch_size=self.a.bs, shuffle=True, num_workers=self.workers))
         for _ in range(self.workers): next(it)   # each worker's first batch: start-up
-        t = time.perf_counter()
-        for _ in range(n):
-            next(it); now = time.perf_counter(); times.append(now - t); t = now
+        laps = H.Laps(torch.device("cpu"))
+        for _ in range(n): next(it); laps.lap()
         del it
-        return times
+        return laps.times
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -142,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
     a = p.parse_args(argv)
     cfg = dict(CONFIGS[a.config])
-    if a.tiny: cfg.update(bs=4, crop_sizes=(16, 8), img_size=20); a.batches, a.rounds, a.modes = 2, 1, "1"
+    if a.tiny: cfg.update(TINY); a.batches, a.rounds, a.modes = 2, 1, "1"
     for k, v in cfg.items():
         if getattr(a, k, None) is None: setattr(a, k, v)
     a.device = torch.device(a.device)
@@ -153,9 +123,7 @@ def main(argv=None) -> list[dict]:
     a = parse_args(argv)
     cores = os.cpu_count() or 1
     images = make_images(a.bs * (a.batches + cores), a.img_size)   # enough for the workers' dropped first batches
-    names = {c for c in a.contenders.split(",") if c} | {"project"}
-    if "lightly" in names and not lightly_available():
-        print(LIGHTLY_MISSING); names.remove("lightly")
+    names = available(list(dict.fromkeys(["project", *[c for c in a.contenders.split(",") if c]])))
     rows = []
     for mode in a.modes.split(","):
         threads, workers = (1, 0) if mode == "1" else (cores, cores)
@@ -163,20 +131,13 @@ def main(argv=None) -> list[dict]:
                 "project-ungrouped": lambda: ProjectAugs(a, images, threads, grouped=False),
                 "official": lambda: PerImageAugs("official", a, images, official_transform(a), workers),
                 "lightly": lambda: PerImageAugs("lightly", a, images, lightly_transform(a), workers)}
-        contenders = [f() for n, f in make.items() if n in names]
-        times = {c.name: [] for c in contenders}
-        for r in range(a.rounds):
-            for c in contenders[r % len(contenders):] + contenders[:r % len(contenders)]:   # order rotates
-                times[c.name].append(c.run(a.batches))
-            print(f"  mode {mode}, round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {1e3 * statistics.median(v[-1]):.0f} ms"
-                  for k, v in times.items()), file=sys.stderr, flush=True)
+        times = H.run_interleaved([f() for n, f in make.items() if n in names], a.rounds, a.batches, label=f"mode {mode}, ")
         for name, rounds in times.items():
-            ms = 1e3 * statistics.median(flat(rounds))
+            ms = H.median_ms(H.flat(rounds))
             rows.append(dict(mode=mode, contender=name, batch_ms=ms, img_per_s=1e3 * a.bs / ms,
-                             speedup=paired_ratio(rounds, times["project"])))
+                             speedup=H.paired_ratio(rounds, times["project"])))
     report(a, rows)
-    if a.json:
-        with open(a.json, "w") as f: json.dump(dict(args={k: str(v) for k, v in vars(a).items()}, rows=rows), f, indent=1)
+    H.write_json(a.json, a, rows)
     return rows
 
 
@@ -185,9 +146,8 @@ def report(a, rows: list[dict]):
     print(f"Multi-crop augmentation ({crops} px crops from {a.img_size} px images, batch {a.bs}), project on {a.device}, "
           f"{os.cpu_count()} cores: median of {a.batches} batches x {a.rounds} interleaved rounds")
     print("time / project's: median over rounds of (this contender's time / the project's) within the round; > 1: project faster")
-    print("| mode | contender | ms per batch | source images/s | time / project's |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['contender']} | {r['batch_ms']:.0f} | {r['img_per_s']:.0f} | {r['speedup']:.2f} |")
+    H.print_table(["mode", "contender", "ms per batch", "source images/s", "time / project's"],
+                  [[r["mode"], r["contender"], f"{r['batch_ms']:.0f}", f"{r['img_per_s']:.0f}", f"{r['speedup']:.2f}"] for r in rows])
 
 
 if __name__ == "__main__": main()

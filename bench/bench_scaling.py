@@ -14,13 +14,12 @@ queue 480 per assignment crop when on).
 from __future__ import annotations
 import argparse
 import copy
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (Floor, Project, add_common_args, describe, finish_args, flat, make_images, median_ms,  # noqa: E402
-                        n_images, paired_ratio, run_interleaved)
+import harness as H  # noqa: E402
+from contenders import Floor, Project, add_common_args, describe, finish_args, make_images, n_images  # noqa: E402
 
 SWEEPS = ("crops", "protos", "queue")
 
@@ -42,12 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def point(a: argparse.Namespace, queue: int) -> dict:
     "Project (queue `queue`, 0: none) and floor at the settings of `a`, interleaved"
-    images = make_images(n_images(argparse.Namespace(**{**vars(a), "queue": max(queue, a.queue)})), a.img_size, a.seed)
-    contenders = [Project(a, images, queue), Floor(a, images)]
-    times = run_interleaved(contenders, a)
-    row = {name: median_ms(flat(rounds)) for name, rounds in times.items()}
+    images = make_images(n_images(a, queue), a.img_size, a.seed)
+    times = H.run_interleaved([Project(a, images, queue), Floor(a, images)], a.rounds, a.steps, a.warmup)
+    row = {name: H.median_ms(H.flat(rounds)) for name, rounds in times.items()}
     row["overhead"] = row["project"] - row["floor"]
-    row["ratio"] = paired_ratio(times["project"], times["floor"])
+    row["ratio"] = H.paired_ratio(times["project"], times["floor"])
     return row
 
 
@@ -64,8 +62,7 @@ def main(argv=None) -> list[dict]:
             print(f"{sweep} = {v}:", file=sys.stderr, flush=True)
             rows.append(dict(sweep=sweep, value=v, **point(b, queue)))
     report(a, rows)
-    if a.json:
-        with open(a.json, "w") as f: json.dump(dict(args={k: str(v) for k, v in vars(a).items()}, rows=rows), f, indent=1)
+    H.write_json(a.json, a, rows)
     return rows
 
 
@@ -73,11 +70,10 @@ def report(a: argparse.Namespace, rows: list[dict]):
     print(f"Cost growth of the project's step (queue {a.queue} unless varied): {describe(a)}")
     for sweep in dict.fromkeys(r["sweep"] for r in rows):
         name = dict(crops="small crops", protos="n_protos", queue="queue length")[sweep]
-        print(f"\n| {name} | project ms | floor ms | overhead ms | project/floor |")
-        print("|---|---|---|---|---|")
-        for r in (r for r in rows if r["sweep"] == sweep):
-            print(f"| {r['value']} | {r['project']:.0f} | {r['floor']:.0f} | {r['overhead']:.0f} | "
-                  f"{r['ratio']:.2f} |")
+        print()
+        H.print_table([name, "project ms", "floor ms", "overhead ms", "project/floor"],
+                      [[r["value"], f"{r['project']:.0f}", f"{r['floor']:.0f}", f"{r['overhead']:.0f}", f"{r['ratio']:.2f}"]
+                       for r in rows if r["sweep"] == sweep])
 
 
 if __name__ == "__main__": main()

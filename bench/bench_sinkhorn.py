@@ -1,9 +1,10 @@
 """Sinkhorn-Knopp time: the project's `sinkhorn_knopp` against the official SwAV `distributed_sinkhorn`.
 
-The official algorithm (facebookresearch/swav, `main_swav.py`) is written plainly below (`official_sinkhorn`, one
-process: its all-reduces are identities). Both get the same prototype scores (cosine similarities of random unit
-embeddings and prototypes) for every batch size B and number of prototypes K, in float32 and in bfloat16 (the official
-code computes in the scores' dtype; the project's computes in float32 whatever the input).
+The official algorithm (facebookresearch/swav, `main_swav.py`) is `tests/helpers.py`'s `official_sinkhorn_in_dtype`
+(one process: its all-reduces are identities), the copy the tests check the project against. Both get the same
+prototype scores (cosine similarities of random unit embeddings and prototypes) for every batch size B and number of
+prototypes K, in float32 and in bfloat16 (the official code computes in the scores' dtype; the project's computes in
+float32 whatever the input).
 
 Rows `B+3840q` are one step's codes with a 3840-long queue: two assignment crops of B samples, each with its own queue,
 as `swav_codes(..., queue_scores=...)` computes them in one batched call and the official code in a loop over crops.
@@ -17,42 +18,25 @@ Contenders are interleaved call by call; each figure is the median over `--repea
 """
 from __future__ import annotations
 import argparse
-import json
-import statistics
+import os
 import sys
-import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+from helpers import official_sinkhorn, official_sinkhorn_in_dtype  # noqa: E402  (tests/helpers.py)
 
 EPS, N_ITERS = 0.05, 3
-
-
-@torch.no_grad()
-def official_sinkhorn(out: Tensor, eps: float = EPS, n_iters: int = N_ITERS) -> Tensor:
-    "The official SwAV `distributed_sinkhorn`, for one process, in the dtype of `out`"
-    Q = torch.exp(out / eps).t()          # K x B
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)                     # the matrix sums to 1
-    for _ in range(n_iters):
-        Q /= torch.sum(Q, dim=1, keepdim=True)   # rows: total weight per prototype 1/K
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)   # columns: total weight per sample 1/B
-        Q /= B
-    Q *= B                                # columns sum to 1: assignments
-    return Q.t()
 
 
 def official_codes(scores: Tensor, queue_scores: Tensor | None, bs: int) -> Tensor:
     "The official training loop's codes of each assignment crop: `distributed_sinkhorn(cat(queue, out))[-bs:]`"
     outs = scores.view(-1, bs, scores.shape[-1])
-    if queue_scores is None: return torch.stack([official_sinkhorn(o) for o in outs])
-    return torch.stack([official_sinkhorn(torch.cat([q, o]))[-bs:] for q, o in zip(queue_scores, outs)])
+    if queue_scores is None: return torch.stack([official_sinkhorn_in_dtype(o, EPS, N_ITERS) for o in outs])
+    return torch.stack([official_sinkhorn_in_dtype(torch.cat([q, o]), EPS, N_ITERS)[-bs:] for q, o in zip(queue_scores, outs)])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
     a = p.parse_args(argv)
     if a.tiny: a.sizes, a.protos, a.queue, a.queue_bs, a.repeats = "16", "10", 24, 8, 2
-    if a.threads: torch.set_num_threads(a.threads)
+    H.set_threads(a.threads)
     a.device = torch.device(a.device)
     return a
 
@@ -82,23 +66,14 @@ def scores_for(n: int, n_protos: int, device: torch.device, seed: int = 0) -> Te
     return (z @ w.t()).to(device)
 
 
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    t = time.perf_counter(); fn()
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    return time.perf_counter() - t
-
-
 def bench_case(a, label: str, contenders: dict, reference) -> dict:
     "Interleaved calls of every contender; median ms and error against the float64 reference"
     outs = {k: fn() for k, fn in contenders.items()}   # warm-up, and the outputs for the error
-    times = {k: [] for k in contenders}
-    for _ in range(a.repeats):
-        for k, fn in contenders.items(): times[k].append(_time(fn, a.device))
+    times = H.run_interleaved([H.Calls(k, fn, a.device) for k, fn in contenders.items()], a.repeats, 1, quiet=True)
     ref = reference()
     row = dict(case=label)
     for k in contenders:
-        row[f"{k}_ms"] = 1e3 * statistics.median(times[k])
+        row[f"{k}_ms"] = H.median_ms(H.flat(times[k]))
         row[f"{k}_err"] = (outs[k].double() - ref).abs().max().item()
     del outs, ref
     return row
@@ -122,8 +97,9 @@ def main(argv=None) -> list[dict]:
                                official=lambda: official_codes(s, qs, bs))
                     ref = lambda: official_codes(s.double(), qs.double(), bs)
                 else:
-                    fns = dict(project=lambda: sinkhorn_knopp(s, EPS, N_ITERS), official=lambda: official_sinkhorn(s))
-                    ref = lambda: official_sinkhorn(s.double())
+                    fns = dict(project=lambda: sinkhorn_knopp(s, EPS, N_ITERS),
+                               official=lambda: official_sinkhorn_in_dtype(s, EPS, N_ITERS))
+                    ref = lambda: official_sinkhorn(s, EPS, N_ITERS)
                 row = bench_case(a, label, fns, ref)
                 row.update(K=n_protos, dtype=str(dtype).replace("torch.", ""))
                 rows.append(row)
@@ -131,19 +107,16 @@ def main(argv=None) -> list[dict]:
                       file=sys.stderr, flush=True)
                 del s, qs
     report(a, rows)
-    if a.json:
-        with open(a.json, "w") as f: json.dump(dict(args={k: str(v) for k, v in vars(a).items()}, rows=rows), f, indent=1)
+    H.write_json(a.json, a, rows)
     return rows
 
 
 def report(a, rows: list[dict]):
     print(f"Sinkhorn-Knopp ({N_ITERS} iterations, eps {EPS}) on {a.device}, {torch.get_num_threads()} torch threads: "
           f"median of {a.repeats} interleaved calls; speed-up = official ms / project ms (> 1: project faster)")
-    print("| K | dtype | scores | project ms | official ms | speed-up | project max err | official max err |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['K']} | {r['dtype']} | {r['case']} | {r['project_ms']:.2f} | {r['official_ms']:.2f} | "
-              f"{r['official_ms'] / r['project_ms']:.2f} | {r['project_err']:.1e} | {r['official_err']:.1e} |")
+    H.print_table(["K", "dtype", "scores", "project ms", "official ms", "speed-up", "project max err", "official max err"],
+                  [[r["K"], r["dtype"], r["case"], f"{r['project_ms']:.2f}", f"{r['official_ms']:.2f}",
+                    f"{r['official_ms'] / r['project_ms']:.2f}", f"{r['project_err']:.1e}", f"{r['official_err']:.1e}"] for r in rows])
 
 
 if __name__ == "__main__": main()

@@ -18,26 +18,29 @@ used OpenMP and workers use more than 1 thread.
     python bench/ddp_cpu.py                # small config (a minute or two on 2 cores)
     python bench/ddp_cpu.py --tiny         # a few seconds: what tests/test_distributed.py runs
     python bench/ddp_cpu.py --arch resnet10t --size 32 --bs 32
+
+The processes are started by `tests/helpers.py`'s `run_gloo` (the launcher the tests use), with `--start-method`;
+each times its own steps (`harness.time_each`), so start-up and imports are never timed. The queue (a `SwAVQueue`)
+starts full of random unit embeddings (`contenders.fill_queue`), so that it enters Sinkhorn from the first step.
 """
 from __future__ import annotations
 import argparse
-import json
+import contextlib
 import os
-import resource
 import statistics
+import sys
 import tempfile
-import time
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from self_supervised_swav.layers import create_encoder
-from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines, swav_codes, swav_loss
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+import helpers  # noqa: E402  (tests/helpers.py: the gloo launcher)
+from contenders import fill_queue  # noqa: E402
+from self_supervised_swav.layers import create_encoder  # noqa: E402
+from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines, swav_codes, swav_loss  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,54 +71,46 @@ def _model(arch: str, n_protos: int) -> nn.Module:
     return create_swav_model(encoder, hidden_size=128, projection_size=64, n_protos=n_protos, bn=False)
 
 
-def _rss_mib() -> float:
-    "Current resident set size in MiB"
-    with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+@contextlib.contextmanager
+def _start_method(method: str):
+    "`helpers.start_gloo` starting its processes with `method` while the block runs"
+    old, helpers.START_METHOD = helpers.START_METHOD, method
+    try: yield
+    finally: helpers.START_METHOD = old
 
 
-def _worker(rank: int, world: int, store: str, a: argparse.Namespace, bs: int, threads: int, out: str):
-    "One process: join the gloo group, train `a.warmup + a.steps` steps, write its figures as JSON"
+def _worker(rank: int, world: int, out_dir: str, a: argparse.Namespace, bs: int, threads: int):
+    "One gloo process (started by `helpers.run_gloo`): train `a.warmup + a.steps` steps, save its figures"
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=a.timeout))
-    try:
-        torch.manual_seed(0)
-        model = _model(a.arch, a.n_protos)
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        augs = get_swav_aug_pipelines(num_crops=[2, 4], crop_sizes=[a.size, a.size // 2], min_scales=[0.25, 0.05], max_scales=[1., 0.3])
-        torch.manual_seed(1 + rank)
-        images = torch.rand(4, bs, 3, a.size + a.size // 4, a.size + a.size // 4)   # a few batches, cycled
-        queue = torch.nn.functional.normalize(torch.randn(2, a.queue, model.prototypes.in_features), dim=-1) if a.queue else None
-        rss0, times = _rss_mib(), []
-        dist.barrier()
-        for i in range(a.warmup + a.steps):
-            t0 = time.perf_counter()
-            emb, scores = ddp([aug(images[i % len(images)]) for aug in augs])
-            qs = queue @ model.prototypes.weight.detach().t() if queue is not None else None
-            codes = swav_codes(scores, bs, [0, 1], queue_scores=qs)
-            if queue is not None: queue = torch.cat([emb.detach().view(-1, bs, emb.shape[-1])[:2], queue], dim=1)[:, :a.queue]
-            loss = swav_loss(scores, codes, [0, 1])
-            opt.zero_grad(); loss.backward(); opt.step()
-            if i >= a.warmup: times.append(time.perf_counter() - t0)
-        res = dict(rank=rank, step_ms=1e3 * statistics.median(times), loss=loss.item(),
-                   max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_growth_mib=_rss_mib() - rss0)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(res))
-    finally: dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = _model(a.arch, a.n_protos)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    augs = get_swav_aug_pipelines(num_crops=[2, 4], crop_sizes=[a.size, a.size // 2], min_scales=[0.25, 0.05], max_scales=[1., 0.3])
+    torch.manual_seed(1 + rank)
+    images = torch.rand(4, bs, 3, a.size + a.size // 4, a.size + a.size // 4)   # a few batches, cycled
+    if a.queue: fill_queue(model, a.queue, 2)
+    losses = []
+    def step(i: int):
+        emb, scores = ddp(augs(images[i % len(images)]))
+        qs = model.queue.scores(model.prototypes.weight) if model.queue.full else None
+        codes = swav_codes(scores, bs, [0, 1], queue_scores=qs)
+        if a.queue: model.queue.push(emb.view(-1, bs, emb.shape[-1])[:2])
+        loss = swav_loss(scores, codes, [0, 1])
+        opt.zero_grad(); loss.backward(); opt.step()
+        losses.append(loss.item())
+    rss0 = H.rss_mib()
+    torch.distributed.barrier()
+    times = H.time_each(step, a.warmup + a.steps, torch.device("cpu"))[a.warmup:]
+    helpers.save_result(out_dir, rank, step_ms=1e3 * statistics.median(times), loss=losses[-1], max_rss_mib=H.max_rss_mib(),
+                        rss_growth_mib=H.rss_mib() - rss0)
 
 
 def run_config(a: argparse.Namespace, nprocs: int, bs: int, label: str, threads: int = 0) -> dict:
     "Run one configuration in `nprocs` fresh processes; the slowest rank's step time, the largest RSS"
     threads = threads or a.threads or max(1, (os.cpu_count() or 1) // nprocs)
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.start_processes(_worker, args=(nprocs, f"{d}/store", a, bs, threads, d), nprocs=nprocs,
-                                 join=False, start_method=a.start_method)
-        deadline = time.monotonic() + a.timeout
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive(): p.kill()
-                raise TimeoutError(f"{label}: workers did not finish in {a.timeout} s")
-        ranks = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(nprocs)]
+    with tempfile.TemporaryDirectory() as d, _start_method(a.start_method):
+        ranks = helpers.run_gloo(_worker, d, a, bs, threads, world=nprocs, timeout=a.timeout)
     step = max(r["step_ms"] for r in ranks)
     return dict(label=label, nprocs=nprocs, threads=threads, bs=bs, global_bs=bs * nprocs, step_ms=step,
                 img_per_s=1e3 * bs * nprocs / step, max_rss_mib=max(r["max_rss_mib"] for r in ranks),
@@ -126,11 +121,9 @@ def report(a: argparse.Namespace, results: list[dict]):
     print(f"SwAV DDP on CPU (gloo): arch={a.arch}, crops 2x{a.size}px + 4x{a.size // 2}px, n_protos={a.n_protos}, "
           f"queue={a.queue}/process, median of {a.steps} steps after {a.warmup}, fastest of {a.repeats} runs, "
           f"{os.cpu_count()} cores, start={a.start_method}")
-    print(f"{'config':<18}{'procs':>6}{'thr/proc':>9}{'bs/proc':>8}{'global bs':>10}{'step ms':>9}{'img/s':>8}"
-          f"{'max RSS/proc MiB':>18}{'RSS growth MiB':>16}")
-    for r in results:
-        print(f"{r['label']:<18}{r['nprocs']:>6}{r['threads']:>9}{r['bs']:>8}{r['global_bs']:>10}{r['step_ms']:>9.1f}"
-              f"{r['img_per_s']:>8.0f}{r['max_rss_mib']:>18.0f}{r['rss_growth_mib']:>16.1f}")
+    H.print_table(["config", "procs", "threads/proc", "bs/proc", "global bs", "step ms", "img/s", "max RSS/proc MiB", "RSS growth MiB"],
+                  [[r["label"], r["nprocs"], r["threads"], r["bs"], r["global_bs"], f"{r['step_ms']:.1f}", f"{r['img_per_s']:.0f}",
+                    f"{r['max_rss_mib']:.0f}", f"{r['rss_growth_mib']:.1f}"] for r in results])
     for one in [r for r in results if r["nprocs"] == 1]:
         for r in [r for r in results if r["nprocs"] > 1]:
             print(f"ratio {r['label']} / {one['label']}: step time x{r['step_ms'] / one['step_ms']:.2f}, "

@@ -3,7 +3,7 @@ right: the plain official Sinkhorn.
 
 The scripts are called in this process through their `main(argv)` (a fresh interpreter spends ~10 s importing torch,
 fastai and timm), except for `--memory`, which measures a fresh process and starts one per contender itself, and one
-run as a script to check the `__main__` entry.
+run as a script to check the `__main__` entry. `bench/ddp_cpu.py` is run by `tests/test_distributed.py`.
 
 Speed is never asserted here: the figures are in BENCHMARKS.md. Without lightly installed (the dev environment),
 the scripts skip lightly's rows with a message, which is checked too.
@@ -70,7 +70,10 @@ def test_bench_step_memory():
 
 def test_bench_step_profile(run_main):
     report = run_main("bench_step.py", "--profile", lightly_rows=False)
-    assert "| augmentation (SWAV._make_crops) |" in report and "aten::" in report
+    assert "| augmentation (MultiCrop.__call__) |" in report and "aten::" in report
+    shares = {r[0]: float(r[1]) for r in table_rows(report) if len(r) == 3}
+    assert all(shares[k] > 0 for k in ("augmentation (MultiCrop.__call__)", "model forward (SwAVModel.forward)",
+                                       "queue (SwAVQueue.scores, push)", "Sinkhorn codes (swav_codes)", "backward (Tensor.backward)"))
 
 
 def test_bench_augs(run_main):
@@ -91,8 +94,34 @@ def test_bench_scaling(run_main):
 
 # ---- what the benchmarks compare against
 def test_official_sinkhorn_matches_project():
-    from bench_sinkhorn import official_sinkhorn, scores_for
+    "The official Sinkhorn the bench times (in the scores' dtype) is the tests' float64 reference, and the project's codes"
+    from bench_sinkhorn import scores_for
+    from helpers import official_sinkhorn, official_sinkhorn_in_dtype
     from self_supervised_swav.swav import sinkhorn_knopp
     for n, k in [(16, 10), (5, 40), (64, 3)]:
         s = scores_for(n, k, torch.device("cpu"))
-        torch.testing.assert_close(official_sinkhorn(s.double()).float(), sinkhorn_knopp(s), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(official_sinkhorn_in_dtype(s.double()), official_sinkhorn(s), rtol=0, atol=0)
+        torch.testing.assert_close(official_sinkhorn(s).float(), sinkhorn_knopp(s), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(official_sinkhorn_in_dtype(s), sinkhorn_knopp(s), rtol=1e-4, atol=1e-5)
+
+
+def test_harness_interleaves_and_pairs():
+    "Rounds rotate the contenders' order; the paired ratio is the median over rounds of the ratio within a round"
+    import harness as H
+    order = []
+    class C:
+        def __init__(self, name, t): self.name, self.t = name, t
+        def run(self, n): order.append(self.name); return [self.t] * n
+    times = H.run_interleaved([C("a", 2.), C("b", 1.)], rounds=3, n=2, warmup=1, quiet=True)
+    assert order == ["a", "b", "b", "a", "a", "b"] and times["a"] == [[2., 2.]] * 3
+    assert H.paired_ratio([[2.], [6.], [4.]], [[1.], [2.], [4.]]) == 2.
+
+
+def test_bench_step_memory_child_settings():
+    "--memory hands each child process the parsed settings (not an edited argv): they round-trip, changed where it says"
+    import json
+    import bench_step
+    a = bench_step.parse_args(["--tiny", "--bs", "3", "--channels-last", "--memory", "--json", "x.json"])
+    child = bench_step.parse_args(["--child", json.dumps(bench_step.memory_child(a, "floor"))])
+    assert (child.only, child.bs, child.channels_last, child.tiny, child.queue_modes) == ("floor", 3, True, True, "on")
+    assert not child.memory and child.json is None and child.n_protos == a.n_protos
