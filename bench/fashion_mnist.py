@@ -129,15 +129,36 @@ def main(args):
     if args.save_encoder:
         from self_supervised_swav.finetune import save_encoder
         save_encoder(encoder, args.save_encoder, arch=args.arch, n_in=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
     return results
+
+
+def write_results(results: dict, out: str):
+    "`results` as JSON in the file `out` (its folder made; nothing when `out` is empty)"
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {out}")
+
+
+def add_training_args(p: argparse.ArgumentParser):
+    "The pretraining options this benchmark shares with `bench_clusters.py`, with their defaults"
+    p.add_argument("--bs", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--wd", type=float, default=1e-2)
+    p.add_argument("--hidden_size", type=int, default=512)
+    p.add_argument("--projection_size", type=int, default=128)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--temp", type=float, default=0.1)
+    p.add_argument("--freeze_protos_iters", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads spin and run slower)")
+    p.add_argument("--device", default=None, help="cpu or cuda; default: cuda when there is a GPU")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
     p.add_argument("--arch", default="resnet10t")
     p.add_argument("--channels", type=int, nargs=4, default=[32, 64, 128, 256], help="widths of the 4 stages of a timm ResNet (resnet10t: 64 128 256 512)")
     p.add_argument("--stem_pool", dest="no_stem_pool", action="store_false", help="keep the max-pool of the stem (timm's resnet10t as it is)")
@@ -145,27 +166,16 @@ def parse(argv=None):
     p.add_argument("--pool", default="avg", help="global pooling (avg, catavgmax, ...); at 28 px resnet10t's last map is 1x1, so both give the same features")
     p.add_argument("--bn_recal", type=int, default=60000, help="also evaluate after recomputing BatchNorm statistics on this many full-size training images")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--bs", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--wd", type=float, default=1e-2)
     p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
     p.add_argument("--crop_sizes", type=int, nargs="+", default=[28, 14])
     p.add_argument("--min_scales", type=float, nargs="+", default=[0.5, 0.2])
     p.add_argument("--max_scales", type=float, nargs="+", default=[1.0, 0.4])
     p.add_argument("--jitter_s", type=float, default=0.5)
     p.add_argument("--n_protos", type=int, default=30)
-    p.add_argument("--hidden_size", type=int, default=512)
-    p.add_argument("--projection_size", type=int, default=128)
     p.add_argument("--K", type=int, default=0, help="queue length; 0: no queue")
     p.add_argument("--queue_start_pct", type=float, default=0.25)
-    p.add_argument("--eps", type=float, default=0.05)
-    p.add_argument("--temp", type=float, default=0.1)
-    p.add_argument("--freeze_protos_iters", type=int, default=100)
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--probe_epochs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: on a shared 2-core machine, 2 threads spin and run slower)")
-    p.add_argument("--device", default=None, help="cpu or cuda; default: cuda when there is a GPU")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
     p.add_argument("--save_encoder", default="", help="also write the pretrained encoder's weights to this file")
     p.add_argument("--out", default="bench/fashion_mnist.json")

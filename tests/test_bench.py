@@ -125,3 +125,14 @@ def test_bench_step_memory_child_settings():
     child = bench_step.parse_args(["--child", json.dumps(bench_step.memory_child(a, "floor"))])
     assert (child.only, child.bs, child.channels_last, child.tiny, child.queue_modes) == ("floor", 3, True, True, "on")
     assert not child.memory and child.json is None and child.n_protos == a.n_protos
+
+
+def test_fashion_mnist_settings(tmp_path):
+    "bench/fashion_mnist.py's defaults are the configuration BENCHMARKS.md reports; its results file is written (the data is not needed)"
+    import json
+    import fashion_mnist as fm
+    a = fm.parse([])
+    assert (a.arch, a.channels, a.no_stem_pool, a.n_protos, a.num_crops, a.crop_sizes) == ("resnet10t", [32, 64, 128, 256], True, 30, [2, 2], [28, 14])
+    assert (a.bs, a.lr, a.epochs, a.K, a.threads) == (128, 2e-3, 3, 0, 1)
+    fm.write_results(dict(x=1), str(tmp_path / "d" / "r.json"))
+    assert json.loads((tmp_path / "d" / "r.json").read_text()) == dict(x=1)
