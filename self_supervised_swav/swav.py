@@ -63,7 +63,7 @@ class SwAVQueue(ResizingBuffers):
         if tuple(self.embeddings.shape) != shape:
             if self._filled > 0 and K > 0:
                 raise ValueError(f"The model holds a queue of shape {tuple(self.embeddings.shape)} (from a checkpoint?) but this run "
-                                 f"needs {shape} (len(crop_assgn_ids), K, projection_size): pass the K and crop_assgn_ids of "
+                                 f"needs {shape} (len(crop_assgn_ids)={n_assign}, K={K}, projection_size={dim}): pass the K and crop_assgn_ids of "
                                  "that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
             self.reset(shape)
         if _dist_on() and K > 0: self._take_own_rank()
@@ -387,8 +387,9 @@ class SWAV(Callback):
         "Number of filled entries in each queue"
         return self.swav_model.queue.n_filled
     def reset_queue(self):
-        "Empty the model's queue (a checkpoint's included)"
-        self.swav_model.queue.reset()
+        "Empty the model's queue (a checkpoint's included), shaped `[len(crop_assgn_ids), K, projection_size]` for this callback"
+        m = self.swav_model
+        m.queue.reset((len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features))
 
     # ---- events
     def after_create(self):

@@ -101,11 +101,11 @@ def bad_inputs(root: Path) -> list:
         (["--path", str(root / "small")], "crop size 24 px is larger than the smallest image"),
         (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
-        (["--max_images", "100", "--K", "500"], "--K 500"),
+        (["--max_images", "100", "--K", "500"], "--K=500 (queue length) is larger than the training set"),
         (["--arch", "resnet1000"], "--arch"),
         (["--crop_sizes", "32"], "one value per crop size"),
         (["--jitter_s", "-1"], "--jitter_s"),
-        (["--eps", "0"], "--eps must be a positive"),
+        (["--eps", "0"], "--eps must be a number > 0"),
         (["--workers", "-1"], "--workers"),
     ] + ([] if torch.cuda.is_available() else [(["--fp16"], "--fp16 needs a CUDA GPU")])
 

@@ -26,52 +26,11 @@ from fastai.learner import Learner
 from fastai.torch_core import get_model, set_seed
 
 from self_supervised_swav.data import image_tensor_dls
-from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp, swav_codes, swav_loss
+from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes, swav_loss
+from helpers import official_sinkhorn, run_gloo, save_result as _save, tiny_pipelines, tiny_swav_model
 
-START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")
 REPO = Path(__file__).resolve().parents[1]
 
-
-# ---- launching gloo process groups
-def _entry(rank: int, fn, world: int, store: str, args: tuple):
-    "Body of one process: join the gloo group through a file store, run `fn`, leave the group"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try: fn(rank, world, *args)
-    finally: dist.destroy_process_group()
-
-def run_gloo(fn, tmp_path: Path, *args, world: int = 2, timeout: float = 90) -> list:
-    "Run `fn(rank, world, out_dir, *args)` in `world` gloo processes; return what each saved with `_save`"
-    store = tmp_path / "store"
-    ctx = mp.start_processes(_entry, args=(fn, world, str(store), (tmp_path, *args)), nprocs=world,
-                             join=False, start_method=START_METHOD)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-def _save(out_dir: Path, rank: int, **results): torch.save(results, out_dir / f"rank{rank}.pt")
-
-
-# ---- tiny model and references
-def tiny_swav_model(n_protos: int = 10, projection_size: int = 16, bn: bool = False, n_in: int = 1) -> nn.Module:
-    "A SwAVModel around a 2-conv encoder: fast on CPU; without BatchNorm every sample is independent of the batch"
-    encoder = nn.Sequential(nn.Conv2d(n_in, 8, 3, stride=2, padding=1), nn.ReLU(),
-                            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return create_swav_model(encoder, hidden_size=32, projection_size=projection_size, n_protos=n_protos, bn=bn)
-
-def official_sinkhorn(out: torch.Tensor, eps: float, n_iters: int = 3) -> torch.Tensor:
-    "The official single-process `distributed_sinkhorn`, in float64, on rows `out` [N, K]"
-    Q = torch.exp(out.double() / eps).t()
-    K, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(n_iters):
-        Q /= Q.sum(dim=1, keepdim=True); Q /= K
-        Q /= Q.sum(dim=0, keepdim=True); Q /= B
-    return (Q * B).t()
 
 def _unit(*shape) -> torch.Tensor: return F.normalize(torch.randn(*shape), dim=-1)
 
@@ -85,7 +44,7 @@ def _codes_worker(rank, world, out_dir, scores, queues, protos, eps):
     bs = B // world
     local = scores[:, rank * bs:(rank + 1) * bs].reshape(-1, K)               # crop after crop
     queue_scores = queues[rank] @ protos.T if queues is not None else None   # [A, Kq, K], this rank's queue
-    codes = swav_codes(local, bs, CROP_IDS, eps=eps, n_iters=3, queue_scores=queue_scores)
+    codes = swav_codes(local, bs, CROP_IDS, eps=eps, n_sinkh_iter=3, queue_scores=queue_scores)
     loss = swav_loss(local, codes, CROP_IDS)
     mean_loss = loss.clone(); dist.all_reduce(mean_loss); mean_loss /= world   # what DDP's gradient averaging optimises
     _save(out_dir, rank, sk=sinkhorn_knopp(scores[0, rank * bs:(rank + 1) * bs], eps=eps), codes=codes, loss=loss, mean_loss=mean_loss)
@@ -159,9 +118,9 @@ def test_ddp_gradients_match_single_process(tmp_path):
 def _ddp_buffers_worker(rank, world, out_dir, keep_ignore_list):
     torch.manual_seed(rank)                       # different weights per rank: DDP must broadcast rank 0's
     model = tiny_swav_model()
-    model.queue = torch.full((len(CROP_IDS), 8, 16), float(rank + 1))   # each rank its own queue...
-    model.queue_len.fill_(4 + rank)                                     # ...and fill level
-    model.swav_iters.fill_(10 + rank)             # a buffer DDP does broadcast (broadcast_buffers=True)
+    model.queue.configure(len(CROP_IDS), 8, 16)
+    model.queue.push(torch.full((len(CROP_IDS), 4 + rank, 16), float(rank + 1)))   # each rank its own queue and fill level
+    model.swav_iters.count.fill_(10 + rank)      # a buffer DDP does broadcast (broadcast_buffers=True)
     if not keep_ignore_list: model._ddp_params_and_buffers_to_ignore = []
     ddp = DDP(model)
     assert get_model(ddp) is model and isinstance(get_model(ddp).prototypes, nn.Linear)
@@ -170,21 +129,21 @@ def _ddp_buffers_worker(rank, world, out_dir, keep_ignore_list):
     for _ in range(2):                            # buffers are broadcast at the start of every forward
         crops = [torch.rand(4, 1, 16, 16) for _ in range(2)] + [torch.rand(4, 1, 8, 8) for _ in range(2)]
         _, scores = ddp(crops)
-        codes = swav_codes(scores, 4, CROP_IDS, queue_scores=model.queue @ model.prototypes.weight.detach().t())
+        codes = swav_codes(scores, 4, CROP_IDS, queue_scores=model.queue.scores(model.prototypes.weight))
         swav_loss(scores, codes, CROP_IDS).backward()
         opt.step(); opt.zero_grad()
-    _save(out_dir, rank, queue=model.queue.clone(), queue_len=int(model.queue_len), swav_iters=int(model.swav_iters),
+    _save(out_dir, rank, queue=model.queue.embeddings.clone(), queue_len=int(model.queue.filled), swav_iters=int(model.swav_iters.count),
           params={n: p.detach().clone() for n, p in model.named_parameters()})
 
 @pytest.mark.parametrize("keep_ignore_list", [True, False])
 def test_ddp_keeps_per_rank_queue(tmp_path, keep_ignore_list):
-    "Plain loop: DDP syncs parameters and broadcasts buffers from rank 0, but not `queue`/`queue_len` (`_ddp_params_and_buffers_to_ignore`)"
+    "Plain loop: DDP syncs parameters and broadcasts buffers from rank 0, but not the queue module's (`_ddp_params_and_buffers_to_ignore`)"
     r0, r1 = run_gloo(_ddp_buffers_worker, tmp_path, keep_ignore_list)
     for n in r0["params"]: torch.testing.assert_close(r0["params"][n], r1["params"][n], msg=f"{n} differs across ranks")
     assert r0["swav_iters"] == r1["swav_iters"] == 10         # broadcast_buffers is on: rank 0's value wins
-    assert (r0["queue"] == 1).all() and r0["queue_len"] == 4
-    if keep_ignore_list: assert (r1["queue"] == 2).all() and r1["queue_len"] == 5   # rank 1 kept its own
-    else: assert (r1["queue"] == 1).all() and r1["queue_len"] == 4                  # control: without the list DDP overwrites it
+    assert (r0["queue"][:, :4] == 1).all() and r0["queue_len"] == 4
+    if keep_ignore_list: assert (r1["queue"][:, :5] == 2).all() and r1["queue_len"] == 5   # rank 1 kept its own
+    else: assert (r1["queue"][:, :4] == 1).all() and r1["queue_len"] == 4                  # control: without the list DDP overwrites it
 
 
 def _learner_ddp_worker(rank, world, out_dir, x, y):
@@ -192,12 +151,10 @@ def _learner_ddp_worker(rank, world, out_dir, x, y):
     dls = image_tensor_dls(x[rank::world], y[rank::world], bs=8, valid_pct=0.25, device="cpu")
     torch.manual_seed(0)
     model = tiny_swav_model()
-    augs = get_swav_aug_pipelines(num_crops=[2, 2], crop_sizes=[16, 8], min_scales=[0.25, 0.05], max_scales=[1., 0.3],
-                                  rotate=False, jitter=False, bw=False, blur=False, stats=None)
-    learn = Learner(dls, DDP(model), cbs=SWAV(augs, CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1))
+    learn = Learner(dls, DDP(model), cbs=SWAV(tiny_pipelines(), CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-2)
     assert learn.swav.swav_model is model and learn.swav.swav_model.prototypes is model.prototypes
-    _save(out_dir, rank, queue=model.queue.clone(), queue_len=learn.swav.queue_len, swav_iters=int(model.swav_iters),
+    _save(out_dir, rank, queue=model.queue.embeddings.clone(), queue_len=learn.swav.queue_len, swav_iters=int(model.swav_iters),
           n_batches=len(dls.train), losses=[float(l) for l in learn.recorder.losses],
           params={n: p.detach().clone() for n, p in model.named_parameters()})
 

@@ -20,7 +20,9 @@ from fastai.torch_core import set_seed, to_float
 
 import self_supervised_swav.swav as swav
 from self_supervised_swav.data import digits_images, image_tensor_dls
-from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp, swav_codes, swav_loss
+from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes, swav_loss
+import helpers
+from helpers import tiny_pipelines
 
 CROP_IDS = [0, 1]
 
@@ -56,17 +58,14 @@ class Probe(Callback):
     def after_batch(self):
         if self.training:
             m = self.swav.swav_model
-            self.rows[-1].update(protos1=self._protos(), enc1=self._enc(), swav_iters=int(m.swav_iters),
-                                 host_iters=self.swav._iters, queue_len=self.swav.queue_len)
+            self.rows[-1].update(protos1=self._protos(), enc1=self._enc(), swav_iters=int(m.swav_iters.count),
+                                 host_iters=int(m.swav_iters), queue_len=self.swav.queue_len)
     def _protos(self): return self.swav.swav_model.prototypes.weight.detach().clone()
     def _enc(self): return next(self.swav.swav_model.encoder.parameters()).detach().clone()
 
 
-def tiny_swav_model(n_protos: int = 10, projection_size: int = 16, bn: bool = True) -> nn.Module:
-    "A SwAVModel around a 2-conv encoder with BatchNorm, for 1-channel images"
-    encoder = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return create_swav_model(encoder, hidden_size=32, projection_size=projection_size, n_protos=n_protos, bn=bn)
+def tiny_swav_model(): return helpers.tiny_swav_model(bn=True)   # BatchNorm: its statistics run under autocast too
+
 
 @pytest.fixture(scope="module")
 def dls():
@@ -74,9 +73,7 @@ def dls():
     x, y = digits_images(size=16)
     return image_tensor_dls(x[:64], y[:64], bs=16, valid_pct=0.25, device="cpu")
 
-def aug_pipelines():
-    return get_swav_aug_pipelines(num_crops=[2, 2], crop_sizes=[16, 8], min_scales=[0.25, 0.05], max_scales=[1., 0.3],
-                                  rotate=False, jitter=False, bw=False, blur=False, stats=None)
+aug_pipelines = tiny_pipelines
 
 def scores_of(n: int, n_protos: int, dim: int = 32, seed: int = 0) -> torch.Tensor:
     "Cosine scores of `n` random unit embeddings against `n_protos` random unit prototypes"
@@ -172,7 +169,7 @@ def test_counters_and_queue_advance_once_per_batch(dls, autocast):
         assert protos_moved == (i not in skipped and i >= freeze), f"batch {i}: prototypes moved={protos_moved}"
     expected = torch.cat([r["emb"] for r in reversed(rows)], dim=1)[:, :K]   # newest first, each batch once
     torch.testing.assert_close(learn.swav.queue, expected, atol=0, rtol=0)
-    assert int(learn.model.swav_iters) == 6 and int(learn.model.queue_len) == K
+    assert int(learn.model.swav_iters) == 6 and int(learn.model.queue.filled) == learn.swav.queue_len == K
 
 
 # ---- fastai's own MixedPrecision callback
@@ -186,6 +183,6 @@ def test_fastai_mixed_precision_callback(mode):
     learn = getattr(Learner(dls, tiny_swav_model(), cbs=SWAV(aug_pipelines(), CROP_IDS, K=16, queue_start_pct=0., freeze_protos_iters=1)), mode)()
     assert [type(c).__name__ for c in learn.cbs].index("SWAV") < [type(c).__name__ for c in learn.cbs].index("MixedPrecision")
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-2)
-    assert int(learn.model.swav_iters) == learn.swav._iters == len(dls.train)       # skipped fp16 steps count too
+    assert int(learn.model.swav_iters) == int(learn.model.swav_iters.count) == len(dls.train)   # skipped fp16 steps count too
     assert learn.swav.queue_len == 16 and torch.isfinite(learn.swav.queue).all()
     assert all(math.isfinite(float(l)) for l in learn.recorder.losses)

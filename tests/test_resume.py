@@ -1,9 +1,10 @@
 """Interrupting SwAV pretraining and resuming it: `learn.save`/`learn.load`, then `fit`/`fit_one_cycle(..., start_epoch=e)`.
 
-`learn.save` stores the model (with the queue, `queue_len` and `swav_iters` buffers; under DDP also every rank's
-queue, gathered into `rank_queues` at the end of each epoch) and the optimiser state. The crops (kornia: torch's
-global RNG) and fastai's shuffling (each `DataLoader`'s own `random.Random`) depend on random states that `SWAV`
-also keeps on the model (`rng_states`, every rank's, written at the end of each epoch) and restores when
+`learn.save` stores the model (with its state modules: the queue, `model.queue`, under DDP with every rank's queue
+gathered at the end of each epoch, and the iteration count, `model.swav_iters`) and the optimiser state. The crops
+(kornia: torch's global RNG) and fastai's shuffling (each `DataLoader`'s own `random.Random`) depend on random states
+that the `ResumeRandomState` callback added by `SWAV` also keeps on the model (`model.random_state`, every rank's,
+written at the end of each epoch) and restores when
 `fit(..., start_epoch=e)` resumes after the epoch it was saved at, so a resumed run retraces the uninterrupted one
 exactly; with `resume_rng=False` it continues from the same SwAV state with different crops.
 """
@@ -30,34 +31,34 @@ from fastai.learner import CancelFitException, Learner
 from fastai.torch_core import set_seed
 
 from self_supervised_swav.data import digits_images, image_tensor_dls
-from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
+from self_supervised_swav.swav import SWAV, create_swav_model
+import helpers
+from helpers import run_gloo, save_result, tiny_pipelines
 
 CROP_IDS = [0, 1]
 N_EPOCH = 2
 
 
 def tiny_swav_model(n_protos: int = 10, projection_size: int = 16) -> nn.Module:
-    "A SwAVModel around a 2-conv encoder, BatchNorm in encoder and projector (their running stats must resume too)"
-    encoder = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return create_swav_model(encoder, hidden_size=32, projection_size=projection_size, n_protos=n_protos, bn=True)
+    "BatchNorm in encoder and projector: their running statistics must resume too"
+    return helpers.tiny_swav_model(n_protos, projection_size, bn=True)
 
-def aug_pipelines():
-    return get_swav_aug_pipelines(num_crops=[2, 2], crop_sizes=[16, 8], min_scales=[0.25, 0.05], max_scales=[1., 0.3],
-                                  rotate=False, jitter=False, bw=False, blur=False, stats=None)
+aug_pipelines = tiny_pipelines
 
 @pytest.fixture(scope="module")
 def digits():
     x, y = digits_images(size=16)
     return x[:64], y[:64]
 
-def make_learner(digits, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=(), resume_rng=True):
+def make_learner(digits, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=(), resume_rng=True,
+                 hand_made=False):
     "48 training images in 3 batches of 16; over 2 epochs the queue (K=40) fills from the 2nd batch, is full after the 4th, in use from the 5th"
     set_seed(0, reproducible=True)                 # the same shuffling for every learner...
     dls = image_tensor_dls(*digits, bs=16, valid_pct=0.25, device="cpu")
     torch.manual_seed(model_seed)                  # ...and a model initialised from `model_seed`
     swav = SWAV(aug_pipelines(), crop_ids, K=K, queue_start_pct=0.1, freeze_protos_iters=freeze, resume_rng=resume_rng)
-    return Learner(dls, tiny_swav_model(n_protos, projection_size), cbs=[swav, RawLosses(), *cbs], path=path)
+    model = helpers.HandMadeSwAV(n_protos, projection_size, bn=True) if hand_made else tiny_swav_model(n_protos, projection_size)
+    return Learner(dls, model, cbs=[swav, RawLosses(), *cbs], path=path)
 
 def rng_state(learn) -> dict:
     "What the next batches' crops and shuffling depend on"
@@ -76,10 +77,10 @@ class Interrupt(Callback):
         if self.epoch == self.stop_epoch: self.rng = rng_state(self.learn); raise CancelFitException()
 
 class RngAtEpoch(Callback):
-    "The RNG states at the start of epoch `epoch`, after SWAV (order 9) has restored them"
-    order = 10
+    "The RNG states when training of epoch `epoch` begins, after `ResumeRandomState` (order 55) has restored them"
+    order = 56
     def __init__(self, epoch: int): self.at, self.rng = epoch, None
-    def before_epoch(self):
+    def before_train(self):
         if self.epoch == self.at: self.rng = rng_state(self.learn)
 
 class RawLosses(Callback):
@@ -105,29 +106,31 @@ def _fit(learn, method, start_epoch=0):
         else: learn.fit_one_cycle(N_EPOCH, lr_max=3e-3, start_epoch=start_epoch)
 
 
-@pytest.mark.parametrize("method", ["fit", "fit_one_cycle"])
-def test_resume_retraces_uninterrupted_run(digits, tmp_path, method):
-    "Interrupted after epoch 1 with a half-full queue, saved, loaded into a new model and resumed: the same RNG states, losses and queue"
-    full = make_learner(digits, tmp_path)
+@pytest.mark.parametrize("method,K,hand_made", [("fit", 40, False), ("fit_one_cycle", 40, False), ("fit", 40, True), ("fit", None, True)],
+                         ids=["fit", "fit_one_cycle", "hand-made-model", "hand-made-model-no-queue"])
+def test_resume_retraces_uninterrupted_run(digits, tmp_path, method, K, hand_made):
+    """Interrupted after epoch 1 with a half-full queue, saved, loaded into a new model and resumed: the same RNG states, losses and queue.
+    A hand-made model (not a SwAVModel) gets the same state modules from SWAV and resumes exactly too, with and without a queue."""
+    full = make_learner(digits, tmp_path, K=K, hand_made=hand_made)
     _fit(full, method)
     n_iter = len(full.dls.train)
 
     stop = Interrupt(1)
-    first = make_learner(digits, tmp_path, cbs=[stop])
+    first = make_learner(digits, tmp_path, K=K, hand_made=hand_made, cbs=[stop])
     _fit(first, method)
-    assert first.swav.queue_len == 32 and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
+    assert first.swav.queue_len == (32 if K else 0) and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
     first.save("ckpt")
 
     torch.manual_seed(123); random.seed(123); np.random.seed(123)         # the resumed process starts from other random states
     at1 = RngAtEpoch(1)
-    resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[at1]).load("ckpt")   # another initialisation: everything comes from the file
+    resumed = make_learner(digits, tmp_path, K=K, hand_made=hand_made, model_seed=1, cbs=[at1]).load("ckpt")   # everything comes from the file
     _fit(resumed, method, start_epoch=1)
     assert_same_rng(at1.rng, stop.rng)
 
     assert first.raw_losses.losses == full.raw_losses.losses[:n_iter]
     torch.testing.assert_close(torch.tensor(resumed.raw_losses.losses), torch.tensor(full.raw_losses.losses[n_iter:]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(resumed.swav.queue, full.swav.queue, atol=1e-5, rtol=1e-5)
-    assert resumed.swav.queue_len == full.swav.queue_len == 40
+    if K: torch.testing.assert_close(resumed.swav.queue, full.swav.queue, atol=1e-5, rtol=1e-5)
+    assert resumed.swav.queue_len == full.swav.queue_len == (40 if K else 0)
     assert int(resumed.model.swav_iters) == int(full.model.swav_iters) == N_EPOCH * n_iter
     for (n, p), q in zip(resumed.model.state_dict().items(), full.model.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=f"{n} differs")
@@ -139,7 +142,7 @@ def test_resume_keeps_swav_state(digits, tmp_path):
     first = make_learner(digits, tmp_path, cbs=[stop], resume_rng=False)   # freeze_protos_iters=4: frozen for 1 batch after the 3 of epoch 0
     _fit(first, "fit")
     first.save("ckpt")
-    assert int(first.model.rng_epoch) == -1 and first.model.rng_states.numel() == 0   # nothing kept
+    assert first.model.random_state.saved_epoch == -1 and first.model.random_state.states.numel() == 0   # nothing kept
 
     probe, at1 = FirstBatches(), RngAtEpoch(1)
     resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[probe, at1], resume_rng=False).load("ckpt")
@@ -162,7 +165,7 @@ def test_resume_from_another_epoch_warns(digits, tmp_path):
     resumed = make_learner(digits, tmp_path).load("ckpt")
     with pytest.warns(UserWarning, match="random state of the end of epoch 0 but fit resumes at epoch 2"):
         with resumed.no_bar(), resumed.no_logging(): resumed.fit(3, lr=3e-3, start_epoch=2)
-    assert int(resumed.model.rng_epoch) == 2
+    assert resumed.model.random_state.saved_epoch == 2
 
 
 def test_checkpoint_loads_without_pickle(digits, tmp_path):
@@ -171,7 +174,30 @@ def test_checkpoint_loads_without_pickle(digits, tmp_path):
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
     learn.save("plain", with_opt=False)
     sd = torch.load(tmp_path / "models" / "plain.pth", weights_only=True)
-    assert sd["rng_states"].dtype == torch.int64 and sd["rng_states"].shape[0] == 1 and int(sd["rng_epoch"]) == 0
+    assert sd["random_state.states"].dtype == torch.int64 and sd["random_state.states"].shape[0] == 1
+    assert int(sd["random_state.epoch"]) == 0
+
+
+def test_checkpoint_of_version_0_1_0_loads(tmp_path):
+    """A checkpoint written by release 0.1.0 (queue, counters and random state as loose buffers of the model), made with:
+    digits at 16 px, 48 training images, bs 16; encoder Conv2d(1, 4, 3, stride 2, padding 1)-BatchNorm2d-ReLU-pool, hidden 8,
+    projection 8, 6 prototypes; crops 2x16 + 2x8 px; SWAV(K=24, queue_start_pct=0.1, freeze_protos_iters=2); fit(2, 1e-3);
+    learn.save(with_opt=True). `checkpoint_v0_1_0_expected.pth` holds its queue and counters as that release read them."""
+    data = Path(__file__).parent / "data"
+    expected = torch.load(data / "checkpoint_v0_1_0_expected.pth", weights_only=True)
+    x, y = digits_images(size=16)
+    set_seed(0, reproducible=True)
+    dls = image_tensor_dls(x[:64], y[:64], bs=16, valid_pct=0.25, device="cpu")
+    encoder = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = create_swav_model(encoder, hidden_size=8, projection_size=8, n_protos=6)
+    learn = Learner(dls, model, cbs=SWAV(aug_pipelines(), CROP_IDS, K=24, queue_start_pct=0.1, freeze_protos_iters=2), path=tmp_path)
+    learn.load(str(data / "checkpoint_v0_1_0"))
+    assert torch.equal(learn.swav.queue, expected["queue"]) and learn.swav.queue_len == expected["queue_len"] == 24
+    assert int(learn.model.swav_iters) == expected["swav_iters"] == 6
+    assert learn.model.random_state.saved_epoch == expected["rng_epoch"] == 1
+    assert torch.equal(learn.model.random_state.states, expected["rng_states"])
+    with learn.no_bar(), learn.no_logging(): learn.fit(3, lr=1e-3, start_epoch=2)   # and the run continues from it
+    assert int(learn.model.swav_iters) == 9 and learn.model.random_state.saved_epoch == 2
 
 
 # ---- checkpoints that do not fit the run
@@ -204,25 +230,6 @@ def test_checkpoint_with_other_prototypes(digits, filled_ckpt, kwargs):
 
 
 # ---- resuming a 2-process run
-def _entry(rank, fn, world, store, args):
-    "One gloo process (same launcher as tests/test_distributed.py); RANK/WORLD_SIZE as torchrun sets them, for fastai"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try: fn(rank, world, *args)
-    finally: dist.destroy_process_group()
-
-def run_gloo(fn, tmp_path: Path, *args, world: int = 2, timeout: float = 90) -> list:
-    ctx = mp.start_processes(_entry, args=(fn, world, str(tmp_path / "store"), (tmp_path, *args)), nprocs=world,
-                             join=False, start_method=os.environ.get("SWAV_TEST_START_METHOD", "fork"))
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
 def _ddp_learner(rank, world, out_dir, x, y, model_seed, cbs=()):
     "Rank `rank`'s Learner: its own shard of the images, a SwAVModel wrapped in DDP by hand, K=12 per process"
     set_seed(rank)
@@ -248,9 +255,8 @@ def _ddp_resume_worker(rank, world, out_dir, x, y, ckpt, reset):
     with warnings.catch_warnings(record=True) as warned, resumed.no_bar(), resumed.no_logging():
         warnings.simplefilter("always")
         resumed.fit(2, lr=3e-3, start_epoch=1)
-    torch.save(dict(own=own, queue0=probe.queue0, queue_len0=probe.queue_len0, warnings=[str(w.message) for w in warned],
-                    own_rng=own_rng, rng1=at1.rng["torch"]),
-               out_dir / f"rank{rank}.pt")
+    save_result(out_dir, rank, own=own, queue0=probe.queue0, queue_len0=probe.queue_len0, warnings=[str(w.message) for w in warned],
+                own_rng=own_rng, rng1=at1.rng["torch"])
 
 def test_ddp_resume_gives_each_rank_its_queue(digits, tmp_path):
     "2 gloo processes resume from rank 0's learn.save: each rank continues with its own queue, fill level and random state, not rank 0's"

@@ -12,20 +12,14 @@ from fastai.learner import Learner
 
 import self_supervised_swav.swav as swav_mod
 from self_supervised_swav.layers import create_encoder, create_fastai_encoder
+from self_supervised_swav.augmentations import MultiCrop
 from self_supervised_swav.swav import (SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp,
                                         swav_codes, swav_loss)
+from helpers import official_sinkhorn
 
 
 # ---------------------------------------------------------------- independent references (paper / official code)
-def ref_sinkhorn(out, eps, n_iters):
-    "The paper's Algorithm 1 / official `distributed_sinkhorn`, single process, float64"
-    Q = torch.exp(out.double() / eps).t()
-    K, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(n_iters):
-        Q /= Q.sum(dim=1, keepdim=True); Q /= K
-        Q /= Q.sum(dim=0, keepdim=True); Q /= B
-    return (Q * B).t()
+ref_sinkhorn = official_sinkhorn
 
 
 def ref_loss(output, bs, crop_ids, n_crops, eps=0.05, temp=0.1, n_iters=3, queue_out=None):
@@ -54,17 +48,17 @@ def cosine_scores(n, k, d=16, seed=0):
 @pytest.mark.parametrize("B,K", [(1, 7), (64, 30), (200, 300)])
 def test_sinkhorn_matches_reference(eps, n_iters, B, K):
     s = cosine_scores(B, K)
-    test = sinkhorn_knopp(s, eps=eps, n_iters=n_iters)
+    test = sinkhorn_knopp(s, eps=eps, n_sinkh_iter=n_iters)
     torch.testing.assert_close(test, ref_sinkhorn(s, eps, n_iters).float(), atol=2e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("B,K", [(1, 5), (64, 30), (512, 100)])
 def test_sinkhorn_constraints(B, K):
     s = cosine_scores(B, K)
-    codes = sinkhorn_knopp(s, eps=0.05, n_iters=3)
+    codes = sinkhorn_knopp(s, eps=0.05, n_sinkh_iter=3)
     assert (codes >= 0).all()
     torch.testing.assert_close(codes.sum(1), torch.ones(B))                      # each sample: a distribution
-    converged = sinkhorn_knopp(s, eps=0.05, n_iters=200)
+    converged = sinkhorn_knopp(s, eps=0.05, n_sinkh_iter=200)
     torch.testing.assert_close(converged.sum(0), torch.full((K,), B / K), rtol=1e-3, atol=1e-4)  # equal partition
 
 
@@ -117,8 +111,8 @@ def test_sinkhorn_does_not_modify_input_and_needs_no_grad():
     torch.testing.assert_close(s.detach(), before)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(eps=0), "eps"), (dict(eps=-1), "eps"), (dict(n_iters=0), "n_iters"),
-                                    (dict(n_iters=1.5), "n_iters")])
+@pytest.mark.parametrize("kw,msg", [(dict(eps=0), "eps"), (dict(eps=-1), "eps"), (dict(n_sinkh_iter=0), "n_sinkh_iter"),
+                                    (dict(n_sinkh_iter=1.5), "n_sinkh_iter")])
 def test_sinkhorn_bad_args(kw, msg):
     with pytest.raises(ValueError, match=msg): sinkhorn_knopp(cosine_scores(4, 3), **kw)
     with pytest.raises(ValueError, match="scores"): sinkhorn_knopp(torch.zeros(3))
@@ -131,7 +125,7 @@ def test_sinkhorn_bad_args(kw, msg):
 def test_loss_matches_official(n_crops, ids, bs, with_queue):
     output = cosine_scores(n_crops * bs, 30, seed=bs + n_crops).requires_grad_()
     queue_out = cosine_scores(len(ids) * 48, 30, seed=99).view(len(ids), 48, 30) if with_queue else None
-    codes = swav_codes(output, bs, ids, eps=0.05, n_iters=3, queue_scores=queue_out)
+    codes = swav_codes(output, bs, ids, eps=0.05, n_sinkh_iter=3, queue_scores=queue_out)
     assert codes.shape == (len(ids), bs, 30)
     for i, c in enumerate(ids):                                   # codes only from the assignment crops
         out = output[bs * c: bs * (c + 1)].detach()
@@ -200,7 +194,7 @@ def test_queue_holds_last_embeddings_of_each_crop(tiny_dls, ids):
     for i, c in enumerate(ids):
         newest_first = torch.cat([e.view(n_crops, bs, -1)[c] for e in reversed(spy.embs)])
         torch.testing.assert_close(learn.swav.queue[i], newest_first[:48])
-    assert learn.swav.queue_len == 48 and int(learn.model.queue_len) == 48
+    assert learn.swav.queue_len == 48 and int(learn.model.queue.filled) == 48
 
 
 def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
@@ -264,8 +258,8 @@ def test_queue_saved_and_loaded(tiny_dls, tmp_path):
     learn.save("ckpt")
     fresh = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
     fresh.load("ckpt")
-    torch.testing.assert_close(fresh.model.queue, learn.model.queue)
-    assert int(fresh.model.queue_len) == 64 and int(fresh.model.swav_iters) == 5
+    torch.testing.assert_close(fresh.model.queue.embeddings, learn.model.queue.embeddings)
+    assert fresh.swav.queue_len == int(fresh.model.queue.filled) == 64 and int(fresh.model.swav_iters) == 5
 
 
 def test_loaded_queue_of_other_shape_is_a_clear_error(tiny_dls, tmp_path):
@@ -276,7 +270,7 @@ def test_loaded_queue_of_other_shape_is_a_clear_error(tiny_dls, tmp_path):
     other.load("ckpt")
     with pytest.raises(ValueError, match="reset_queue"): other.fit(1)
     other.swav.reset_queue()
-    assert other.model.queue.shape == (2, 96, 16) and int(other.model.queue_len) == 0
+    assert other.swav.queue.shape == (2, 96, 16) and other.swav.queue_len == 0
 
 
 # ---------------------------------------------------------------- prototypes
@@ -360,7 +354,7 @@ def test_crops_of_one_size_made_together_are_independent():
     assert groups(cb) == [(0, 2), (2, 5)]
     torch.manual_seed(0)
     x = torch.rand(2048, 3, 20, 20)
-    crops = cb._make_crops(x)
+    crops = cb.augs(x)
     assert [tuple(c.shape) for c in crops] == [(2048, 3, 16, 16)] * 2 + [(2048, 3, 8, 8)] * 3
     for i, j in [(0, 1), (2, 3), (3, 4), (2, 4)]: assert not torch.allclose(crops[i], crops[j])
     one_by_one = [p(x) for p in pipes]   # the same distribution as pipeline by pipeline: normalised pixels' mean and spread
@@ -370,18 +364,18 @@ def test_crops_of_one_size_made_together_are_independent():
     assert groups(SWAV(same, [0, 1], K=None)) == [(i, i + 1) for i in range(5)]
 
 
-def groups(cb: SWAV) -> list[tuple[int, int]]: return [(s, e) for s, e, *_ in cb._crop_plan]
+def groups(cb: SWAV) -> list[tuple[int, int]]: return cb.augs.group_ranges()
 
 
 def test_replaced_or_changed_pipelines_are_used(tiny_dls):
-    "A new list assigned to learn.swav.augs is checked and grouped anew; pipelines changed in place are regrouped at fit"
+    "A new MultiCrop or list assigned to learn.swav.augs is checked and used with its groups (a plain list: one crop per group)"
     learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
     learn.swav.augs = tiny_pipes(num_crops=(2, 3))
     assert groups(learn.swav) == [(0, 2), (2, 5)]
-    assert [c.shape[-1] for c in learn.swav._make_crops(torch.rand(4, 1, 24, 24))] == [16, 16, 8, 8, 8]
-    learn.swav.augs[4].fs[0].aug.same_on_batch = True   # one box for the whole batch: not groupable any more
+    assert [c.shape[-1] for c in learn.swav.augs(torch.rand(4, 1, 24, 24))] == [16, 16, 8, 8, 8]
+    learn.swav.augs = list(tiny_pipes(num_crops=(2, 3)))
+    assert isinstance(learn.swav.augs, MultiCrop) and groups(learn.swav) == [(i, i + 1) for i in range(5)]
     learn.fit(1)
-    assert groups(learn.swav) == [(0, 2), (2, 4), (4, 5)]
     with pytest.raises(ValueError, match="at least 2 crops"): learn.swav.augs = tiny_pipes()[:1]
     with pytest.raises(TypeError, match="aug_pipelines"): learn.swav.augs = [lambda x: x] * 2
     learn.swav.augs = tiny_pipes(num_crops=(1, 1))   # 2 crops: crop_assgn_ids [0, 1] still valid
@@ -460,7 +454,7 @@ def test_plain_torch_dataloaders(digits):
     learn = Learner(dls, tiny_model(n_protos=64), cbs=SWAV(tiny_pipes(), [0, 1], K=None), loss_func=noop)
     with pytest.warns(UserWarning, match="batches of 32 images for 64 prototypes"): learn.fit(1)
     assert len(learn.recorder.losses) == 4 and all(math.isfinite(float(l)) for l in learn.recorder.losses)
-    assert int(learn.model.rng_epoch) == 0 and learn.model.rng_states.numel() > 0
+    assert learn.model.random_state.saved_epoch == 0 and learn.model.random_state.states.numel() > 0
 
 
 def test_K_larger_than_dataset(tiny_dls):
