@@ -21,7 +21,6 @@ import argparse, copy, json, os, platform, sys, time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
@@ -121,10 +120,7 @@ def main(argv=None):
         run["prototypes_balanced"] = quality("(a) SwAV prototypes, balanced", prototype_assignments(z, w, balanced=True).prototypes, y_test, k)
         run["swav_features_kmeans"] = quality("(b) k-means on SwAV encoder features", kmeans(features(model.encoder, x_test, tfm), k, args.seed), y_test, k)
         run["swav_embeddings_kmeans"] = quality("(b') k-means on SwAV embeddings", kmeans(z, k, args.seed), y_test, k)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        print(f"wrote {args.out}")
+    fm.write_results(results, args.out)
     return results
 
 
@@ -133,18 +129,8 @@ def parse(argv=None):
     p.add_argument("--n_protos", type=int, nargs="+", default=[10, 30], help="one pretraining per value; k of the k-means rows")
     p.add_argument("--minutes", type=float, default=20, help="pretraining budget per value of --n_protos")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--bs", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--wd", type=float, default=1e-2)
-    p.add_argument("--hidden_size", type=int, default=512)
-    p.add_argument("--projection_size", type=int, default=128)
-    p.add_argument("--eps", type=float, default=0.05)
-    p.add_argument("--temp", type=float, default=0.1)
-    p.add_argument("--freeze_protos_iters", type=int, default=100)
+    fm.add_training_args(p)   # --bs, --lr, --wd, widths, --eps, --temp, --freeze_protos_iters, --threads, --device, --seed
     p.add_argument("--bn_recal", type=int, default=0, help="recompute the BatchNorm statistics on this many full-size training images after pretraining (0: the model as trained)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default=None, help="cpu or cuda; default: cuda when there is a GPU")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="1.5k training and 600 test images (a check of the script, not a measurement)")
     p.add_argument("--out", default="bench/clusters.json")
     return p.parse_args(argv)

@@ -105,7 +105,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(row)
                 print(f"  K={n_protos} {row['dtype']} {label}: " + ", ".join(f"{k} {row[k + '_ms']:.1f} ms" for k in fns),
                       file=sys.stderr, flush=True)
-                del s, qs
+                s = qs = None   # free the scores before the next case (the lambdas above are done with them)
     report(a, rows)
     H.write_json(a.json, a, rows)
     return rows

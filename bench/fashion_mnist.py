@@ -15,7 +15,7 @@ encoder is evaluated as trained (a) and after its BatchNorm statistics are recom
 images (a', `recalibrate_bn`). On a GPU (`--device cuda`, the default when there is one) raise `--epochs`.
 """
 from __future__ import annotations
-import argparse, gzip, json, math, os, platform, time
+import argparse, gzip, json, os, platform, time
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-import fastai.callback.progress  # progress bars and the epoch table
-import fastai.callback.schedule  # fit_one_cycle
+import fastai.callback.progress  # noqa: F401  (progress bars and the epoch table)
+import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
 from self_supervised_swav.data import image_tensor_dls
 from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy,

@@ -30,7 +30,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastai.vision.augment import Resize, ResizeMethod
     from fastai.vision.core import PILImage, PILImageBW, imagenet_stats
     import fastai.callback.progress  # progress bars and the epoch table
-    import fastai.callback.schedule  # Learner.fit_one_cycle
+    import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
     from self_supervised_swav.data import digits_images, image_tensor_dls
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn

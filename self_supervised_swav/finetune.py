@@ -21,7 +21,7 @@ from fastai.layers import in_channels
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import get_model
-import fastai.callback.schedule  # Learner.fine_tune and fit_one_cycle on the learners built here
+import fastai.callback.schedule  # noqa: F401  (Learner.fine_tune and fit_one_cycle on the learners built here)
 
 from . import __version__
 from .evaluation import extract_features, pipeline_normalization

@@ -22,18 +22,6 @@ from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines
 START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")
 
 
-def official_sinkhorn(out: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
-    "The official single-process `distributed_sinkhorn`, in float64, on scores `out` [B, n_protos]; codes [B, n_protos]"
-    Q = torch.exp(out.double() / eps).t()
-    n_protos, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(n_iters):
-        Q /= Q.sum(dim=1, keepdim=True); Q /= n_protos
-        Q /= Q.sum(dim=0, keepdim=True); Q /= B
-    return (Q * B).t()
-
-
-
 @torch.no_grad()
 def official_sinkhorn_in_dtype(out: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
     "The official single-process `distributed_sinkhorn` as it runs: in the dtype of `out` (what `bench/bench_sinkhorn.py` times)"
@@ -44,6 +32,12 @@ def official_sinkhorn_in_dtype(out: torch.Tensor, eps: float = 0.05, n_iters: in
         Q /= Q.sum(dim=1, keepdim=True); Q /= n_protos
         Q /= Q.sum(dim=0, keepdim=True); Q /= B
     return (Q * B).t()
+
+
+def official_sinkhorn(out: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
+    "The official single-process `distributed_sinkhorn` in float64 (no overflow at small eps), on scores `out` [B, n_protos]"
+    return official_sinkhorn_in_dtype(out.double(), eps, n_iters)
+
 
 def tiny_encoder(n_in: int = 1, bn: bool = False) -> nn.Module:
     "Two strided convolutions and average pooling: 16 features"

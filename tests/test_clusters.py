@@ -18,7 +18,6 @@ import self_supervised_swav.clusters as clusters
 import self_supervised_swav.finetune as finetune
 from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, main, nearest_images,
                                            prototype_assignments, show_feature_map, show_prototypes, swav_cluster)
-from self_supervised_swav.cli import UsageError
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SwAVModel, create_swav_model, sinkhorn_knopp
 

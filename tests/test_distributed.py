@@ -9,15 +9,11 @@ fastai's `DistributedDL` calls `.cuda()`, so these tests drive DDP directly: the
 from __future__ import annotations
 import importlib.util
 import math
-import os
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 from fastai.learner import Learner
-import fastai.callback.progress  # Learner.no_bar
+import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 
 from self_supervised_swav import __version__
 from self_supervised_swav.augmentations import BatchNormalize

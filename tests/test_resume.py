@@ -10,18 +10,13 @@ exactly; with `resume_rng=False` it continues from the same SwAV state with diff
 """
 from __future__ import annotations
 import math
-import os
 import random
-import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from fastai.callback.core import Callback
