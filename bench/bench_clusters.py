@@ -17,7 +17,7 @@ of a few steps so that the 3 epochs fit. k-means is scikit-learn's `KMeans(n_ini
 Data: Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnist`), read by `bench/fashion_mnist.py`.
 """
 from __future__ import annotations
-import argparse, copy, json, os, platform, sys, time
+import argparse, copy, os, platform, sys, time
 from pathlib import Path
 
 import torch
