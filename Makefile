@@ -12,7 +12,7 @@ JOBS ?= 2
 # a fingerprint of a folder's files, to check that a tool changed nothing
 fingerprint = find $(1) -type f -not -path '*/__pycache__/*' -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum
 
-.PHONY: help env env-latest export readme test test-latest demo clean docs docs-check
+.PHONY: help env env-latest export readme test test-latest demo clean docs docs-check gpu-check
 
 help:
 	@echo "make demo         pretrain on the embedded default data (scikit-learn digits)"
@@ -86,3 +86,11 @@ docs: env $(VENV_DOCS)/.installed
 docs-check: docs
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	$(PYTHON) docs/check_site.py
+
+# on a CUDA GPU machine with no package registry (the device tool): the wheels carried in bench/wheels/, then every
+# part of bench/gpu_check.py, each within its cap, 8 minutes in all; gpu_check.json/.md/.log under $OUT (else
+# gpu_check_out/). A CPU check: make gpu-check GPU_PYTHON=.venv/bin/python GPU_CHECK_ARGS=--dry-run
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	GPU_PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh $(GPU_CHECK_ARGS)
