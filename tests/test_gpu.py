@@ -19,6 +19,7 @@ from fastai.learner import CancelFitException, Learner
 from fastai.torch_core import set_seed
 
 from self_supervised_swav.data import digits_images, image_tensor_dls
+from self_supervised_swav.resume import ResumeRandomState
 from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes
 import helpers
 from helpers import official_sinkhorn, tiny_pipelines
@@ -43,13 +44,16 @@ def cuda_learner(digits, path, model_seed=0, K=40, cbs=()) -> Learner:
 
 
 class LossLog(Callback):
-    "Training losses as floats, and the dtype of the prototype scores the model returns (before `MixedPrecision` casts them)"
+    "Training losses, the dtype of the scores the model returns (before `MixedPrecision` casts them), the scaler's state per batch"
     order = MixedPrecision.order - 0.5
-    def before_fit(self): self.losses, self.score_dtypes = [], set()
+    def before_fit(self): self.losses, self.score_dtypes, self.scales = [], set(), []
     def after_pred(self):
         if self.training: self.score_dtypes.add(self.learn.pred[1].dtype)
     def after_loss(self):
         if self.training: self.losses.append(self.learn.loss.item())
+    def after_batch(self):
+        scaler = getattr(self.learn, "scaler", None)
+        if self.training and scaler is not None: self.scales.append((scaler.is_enabled(), scaler.get_scale()))
 
 
 class Interrupt(Callback):
@@ -60,7 +64,8 @@ class Interrupt(Callback):
 
 
 class CudaRngAt(Callback):
-    "The CUDA random state at the start of epoch `epoch`'s training"
+    "The CUDA random state at the start of epoch `epoch`'s training, after `ResumeRandomState` restored it"
+    order = ResumeRandomState.order + 1
     def __init__(self, epoch: int): self.at, self.cuda_rng = epoch, None
     def before_train(self):
         if self.epoch == self.at: self.cuda_rng = torch.cuda.get_rng_state()
@@ -78,7 +83,7 @@ def test_fp16_with_grad_scaler(digits, tmp_path):
     log = learn.loss_log
     assert log.score_dtypes == {torch.float16}
     assert all(np.isfinite(log.losses)) and len(log.losses) == 2 * len(learn.dls.train)
-    assert learn.scaler.is_enabled() and learn.scaler.get_scale() > 0
+    assert len(log.scales) == len(log.losses) and all(on and scale > 0 for on, scale in log.scales)
     assert int(learn.model.swav_iters) == 2 * len(learn.dls.train)   # a step the scaler skipped still moves the counter
     assert any(not torch.equal(p, q) for p, q in zip(before, learn.model.parameters()))
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
@@ -99,7 +104,7 @@ def test_checkpoint_keeps_cuda_random_state(digits, tmp_path):
     first = cuda_learner(digits, tmp_path, cbs=[stop])
     fit(first)
     states = first.model.random_state.states
-    assert int(states[0][1]) == torch.cuda.device_count()   # rng_state_tensor's header: number of CUDA states kept
+    assert int(states[0][2]) == torch.cuda.device_count()   # rng_state_tensor: [header length, loaders, CUDA states, ...]
     first.save("ckpt")
 
     torch.manual_seed(123); torch.cuda.manual_seed_all(123); random.seed(123); np.random.seed(123)
