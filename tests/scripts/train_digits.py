@@ -1,0 +1,69 @@
+"""A user's SwAV pretraining script on digits, as the launcher tests run it:
+
+    torchrun --nproc_per_node 2 tests/scripts/train_digits.py --out DIR [--resume DIR0/models/swav_1 --start_epoch 2 --epochs 3]
+
+It builds a `Learner` with `SWAV` and fits inside `swav_distrib_ctx` (fastai's `learn.distrib_ctx()` on GPUs). Each rank
+saves to `DIR` what the tests compare: its first training step (`first_step_rank{r}.pt`: crops, weights, codes, loss;
+codes without the queue, which is empty at the first step of a fresh run),
+its queue at the end (`queue_rank{r}.pt`) and at the start of the fit (`start_queue_rank{r}.pt`); rank 0 saves the
+checkpoints `DIR/models/swav_{epoch}.pth` (fastai's `SaveModelCallback`, from rank 0 only).
+"""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the tiny model and pipelines of the tests
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds `Learner.fit_one_cycle`)
+from fastai.callback.tracker import SaveModelCallback
+from fastai.learner import Learner
+from fastai.torch_core import get_model, rank_distrib
+from fastcore.script import call_parse
+
+from helpers import tiny_pipelines, tiny_swav_model
+from self_supervised_swav.data import digits_images, image_tensor_dls
+from self_supervised_swav.distributed import is_main_process, n_processes, swav_distrib_ctx
+from self_supervised_swav.swav import SWAV, swav_codes
+
+
+class RecordRun(Callback):
+    "Save this rank's first training step (crops, weights, scores, codes, loss) and its queue at the start of the fit"
+    order = 12                                            # after SWAV (9) made the crops and DDP wrapped the model (11)
+    def __init__(self, out: Path): self.out, self.done = Path(out), False
+    def _save(self, name: str, obj): torch.save(obj, self.out / f"{name}_rank{rank_distrib()}.pt")
+    def before_train(self):
+        if not self.done: self._save("start_queue", get_model(self.model).queue.embeddings.clone())
+    def after_loss(self):
+        if not self.training or self.done: return
+        swav, (_, scores) = self.learn.swav, self.pred
+        bs = scores.shape[0] // len(swav.augs)
+        codes = swav_codes(scores, bs, swav.crop_assgn_ids, swav.eps, swav.n_sinkh_iter)   # as the loss computed them
+        params = {k: v.detach().clone() for k, v in get_model(self.model).named_parameters()}
+        self._save("first_step", dict(crops=[c.clone() for c in self.xb[0]], params=params, scores=scores.detach().clone(),
+                                      codes=codes, loss=self.loss.detach().clone(), world=n_processes()))
+        self.done = True
+
+
+@call_parse
+def main(
+    out: str = "swav_run",     # Folder of the records and checkpoints
+    epochs: int = 2,           # Total epochs of the run
+    bs: int = 8,               # Batch size per process
+    K: int = 8,                # Queue length per process
+    n: int = 96,               # Digits used (80 % train)
+    resume: str = "",          # Checkpoint to resume from, a path without `.pth` ('': start afresh)
+    start_epoch: int = 0,      # First epoch to fit (after the resumed checkpoint's)
+):
+    torch.manual_seed(0)                                  # the same initial weights on every rank
+    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    x, y = digits_images(size=16)
+    dls = image_tensor_dls(x[:n], y[:n], bs=bs, valid_pct=0.2, device="cpu")
+    swav = SWAV(tiny_pipelines(), [0, 1], K=K, queue_start_pct=0., freeze_protos_iters=0)
+    learn = Learner(dls, tiny_swav_model(), cbs=[swav, RecordRun(out)], path=out)
+    if resume: learn.load(Path(resume).absolute(), with_opt=True)   # rank 0's checkpoint, on every rank: each takes its own queue
+    save = SaveModelCallback(every_epoch=True, with_opt=True, fname="swav")
+    with swav_distrib_ctx(learn):
+        learn.fit_one_cycle(epochs, 1e-2, start_epoch=start_epoch, cbs=save)
+    torch.save(get_model(learn.model).queue.embeddings, out / f"queue_rank{rank_distrib()}.pt")
+    if is_main_process(): print(f"done: {n_processes()} processes, {epochs} epochs, rank 0 of {os.environ.get('WORLD_SIZE', 1)}")
