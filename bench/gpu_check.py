@@ -304,8 +304,20 @@ def part_augs(a) -> dict:
 
 def fm_root(a) -> Path | None:
     for root in ([Path(a.fm_root)] if a.fm_root else FM_ROOTS):
-        if (root / "t10k-images-idx3-ubyte.gz").is_file(): return root
+        if all((root / f"{s}-{k}-idx{d}-ubyte.gz").is_file() for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))):
+            return root
     return None
+
+
+def dry_run_data(root: Path, n_train: int = 384, n_test: int = 200) -> tuple:
+    "A few test images as (x_train, y_train, x_test, y_test): reading the 60k training images alone takes seconds"
+    import numpy as np
+    import torch
+    import fashion_mnist as fm
+    n = n_train + n_test
+    x = torch.from_numpy(fm.read_idx(root / "t10k-images-idx3-ubyte.gz")[:n].copy()).float().div_(255).unsqueeze(1)
+    y = torch.from_numpy(fm.read_idx(root / "t10k-labels-idx1-ubyte.gz")[:n].astype(np.int64))
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
 def part_fashion_mnist(a) -> dict:
@@ -316,8 +328,7 @@ def part_fashion_mnist(a) -> dict:
     from bench_clusters import n_train_for
     from self_supervised_swav.swav import get_swav_aug_pipelines
     load = fm.load_fashion_mnist
-    data = load(root)
-    if a.dry_run: data = (data[0][:384], data[1][:384], data[2][:200], data[3][:200])
+    data = load(root) if not a.dry_run else dry_run_data(root)
     dev = device_of(a)
     small = ["--bs", "32"] if a.dry_run else []          # n_train_for times 6 steps of a copy: 6 batches of the 384 dry-run images
     probe = fm.parse(["--device", dev, "--skip_baselines", "--out", "", *small])
