@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -210,6 +211,7 @@ def step_argv(a) -> list[str]:
             "--steps", "4", "--warmup", "2"]
 
 
+@functools.cache   # a failed import can leave parts of lightly behind: ask once per process
 def lightly_problem() -> str | None:
     "Why lightly cannot be compared (not installed, or an import of what the contenders use fails), or None"
     if importlib.util.find_spec("lightly") is None: return "lightly is not installed: lightly rows skipped (bench/wheels/ has it)"
