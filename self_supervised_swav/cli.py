@@ -34,14 +34,19 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
     from self_supervised_swav.data import digits_images, image_tensor_dls
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
-    from self_supervised_swav.finetune import save_encoder
-    from self_supervised_swav.layers import create_encoder
+    from fastai.callback.progress import CSVLogger
+    from torch import nn
+    from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
+    from self_supervised_swav.finetune import save_encoder, save_swav_model
+    from self_supervised_swav.layers import check_encoder_input_size, create_encoder
+    from self_supervised_swav.recipe import plot_run, use_line_progress
+    from self_supervised_swav.resume import world_rank
     from self_supervised_swav.checks import SettingError, check_in_range, check_positive
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
 # %% auto #0
-__all__ = ['GRAY_STATS', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls', 'check_settings',
-           'swav_pretrain', 'cli_parser', 'main']
+__all__ = ['GRAY_STATS', 'RUN_FILES', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls',
+           'check_settings', 'TrainedEpochsCSV', 'RunStopped', 'swav_pretrain', 'cli_parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #c006
 class UsageError(ValueError):
@@ -50,15 +55,16 @@ class UsageError(ValueError):
 # %% ../nbs/06_cli.ipynb #c008
 def image_files(
     path: str | Path,   # Folder searched recursively
+    n_sample: int = 1000, # Images whose sizes are read (spread evenly over the sorted files): start-up does not open them all
 ) -> tuple[list[Path], tuple[int, int, Path]]:
-    "The image files under `path` and (smallest side, other side, file) of the smallest image; `UsageError` if none or one is unreadable"
+    "The image files under `path` and (smallest side, other side, file) of the smallest sampled image; `UsageError` if none or one is unreadable"
     path = Path(path)
     if not path.exists(): raise UsageError(f"--path {str(path)!r} does not exist")
     if not path.is_dir(): raise UsageError(f"--path {str(path)!r} is not a folder")
     files = sorted(get_image_files(path))
     if not files: raise UsageError(f"no images in {str(path)!r} (searched recursively for .jpg, .png, .bmp, ... files)")
-    smallest = None
-    for f in files:
+    smallest, step = None, max(1, len(files) // n_sample)
+    for f in files[::step][:n_sample]:
         try:
             with Image.open(f) as im: w, h = im.size
         except (UnidentifiedImageError, OSError) as e:
@@ -177,9 +183,9 @@ def _load_data(s: SimpleNamespace) -> tuple[DataLoaders, bool, str]:
         return dls, True, f"scikit-learn digits (embedded), 10 classes, {size} px"
     files, (short, long, smallest) = image_files(s.path)
     if s.max_images is not None: files = files[:s.max_images]
-    if max(s.crop_sizes) > short:
+    if s.size is None and max(s.crop_sizes) > short:   # with --size every image is resized to it first (check_settings)
         raise UsageError(f"crop size {max(s.crop_sizes)} px is larger than the smallest image ({smallest}, {short} px on its "
-                         f"short side): pass smaller --crop_sizes, or remove the small images")
+                         f"short side): pass smaller --crop_sizes, --size to resize every image, or remove the small images")
     labels = folder_labels(s.path, files)
     size = s.size or max(s.crop_sizes)
     dls = folder_dls(s.path, files, labels, size, s.bs, s.valid_pct, s.seed, gray=s.gray, num_workers=s.workers)
@@ -200,11 +206,20 @@ def _knn(encoder, dls, tfm) -> float | None:
 
 def _fmt(v) -> str: return "n/a" if v is None else f"{v:.4f}"
 
-def _log(learn: Learner) -> list[dict]:
-    "The epoch table as a list of dicts"
-    names = list(learn.recorder.metric_names[1:-1])
-    as_num = lambda v: None if v is None else round(float(v), 4)
-    return [dict(epoch=i, **dict(zip(names, map(as_num, vals)))) for i, vals in enumerate(learn.recorder.values)]
+class TrainedEpochsCSV(CSVLogger):
+    "fastai's `CSVLogger`, without the rows of the epochs that a resumed fit skips (`start_epoch`)"
+    def before_fit(self): self._trained = None; super().before_fit()
+    def before_train(self): self._trained = self.epoch
+    def _write_line(self, log):
+        if self._trained == self.epoch: super()._write_line(log)
+        else: self.old_logger(log)
+
+def _log(csv_path: Path) -> list[dict]:
+    "The epoch table of the whole run (resumed parts included), from its CSV log"
+    import csv
+    with open(csv_path) as f: rows = [r for r in csv.DictReader(f) if r.get("epoch", "").isdigit()]   # a resume repeats the header
+    as_num = lambda v: None if v in (None, "", "None") else round(float(v), 4)
+    return [dict(epoch=int(r["epoch"]), **{k: as_num(v) for k, v in r.items() if k not in ("epoch", "time")}) for r in rows]
 
 @contextmanager
 def _image_errors():
@@ -215,62 +230,196 @@ def _image_errors():
         if not msg.startswith("cannot read image"): raise
         raise UsageError(msg) from None
 
+def _arch_kwargs(s: SimpleNamespace) -> dict:
+    "`--arch_kwargs` (JSON) as a dict"
+    if not s.arch_kwargs: return {}
+    try: kw = json.loads(s.arch_kwargs) if isinstance(s.arch_kwargs, str) else s.arch_kwargs
+    except json.JSONDecodeError as e: raise UsageError(f"--arch_kwargs must be a JSON object such as '{{\"drop_path_rate\": 0.1}}', got {s.arch_kwargs!r} ({e})") from None
+    if not isinstance(kw, dict): raise UsageError(f"--arch_kwargs must be a JSON object (options by name), got {s.arch_kwargs!r}")
+    return kw
+
+def _encoder(s: SimpleNamespace, n_in: int):
+    "The randomly initialised encoder of `--arch` (with `--arch_kwargs`), checked against the crop sizes"
+    try: encoder = create_encoder(s.arch, pretrained=False, n_in=n_in, **_arch_kwargs(s))
+    except (ValueError, TypeError) as e: raise UsageError(f"--arch: {e}") from None
+    try: check_encoder_input_size(encoder, sorted(set(s.crop_sizes)), n_in, name=s.arch)
+    except ValueError as e: raise UsageError(f"--crop_sizes: {e}") from None
+    return encoder
+
 def _build(s: SimpleNamespace, n_in: int) -> tuple:
     "(encoder, DataLoaders, labelled, description, augmentation pipelines) for the settings"
-    try: encoder = create_encoder(s.arch, pretrained=False, n_in=n_in)
-    except (ValueError, TypeError) as e: raise UsageError(f"--arch: {e}") from None
+    encoder = _encoder(s, n_in)
     dls, labelled, what = _load_data(s)
     _check_data(s, dls)
     augs = _augs(s, stats=GRAY_STATS if n_in == 1 else imagenet_stats)
     return encoder, dls, labelled, what, augs
 
-def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int) -> Learner:
-    "The pretraining `Learner`: SWAV plus the prototype-usage and (with labels) kNN monitors"
-    swav = _swav(s, augs, freeze)
-    cbs = [swav, PrototypeUsageMonitor()]
+def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int, out: Path, settings: dict) -> Learner:
+    "The pretraining `Learner`: SWAV, the prototype-usage and (with labels) kNN monitors, the CSV log and the checkpoint"
+    cbs = [_swav(s, augs, freeze), PrototypeUsageMonitor(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(s.resume)),
+           RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if labelled and len(dls.valid.dataset):   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(_subset_dl(dls.train, 5000, 1), _subset_dl(dls.valid, 1000, 1), recalibrate_bn=True))
-    learn = Learner(dls, create_swav_model(encoder, n_protos=s.n_protos), cbs=cbs)
+    learn = Learner(dls, create_swav_model(encoder, n_protos=s.n_protos), cbs=cbs, path=out)
+    use_line_progress(learn)   # one plain line per epoch when the output is a log file, fastai's bars in a terminal
     return learn.to_fp16() if s.fp16 else learn
 
+# ---- the output folder, resuming
+RUN_FILES = dict(checkpoint="checkpoint.pth", settings="settings.json", results="swav_pretrain.json", encoder="encoder.pth",
+                 model="swav_model.pth", history="history.csv")
+# settings that make another run: a resume must not change them
+_SAME_RUN = ("path", "arch", "arch_kwargs", "num_crops", "crop_sizes", "min_scales", "max_scales", "size", "bs", "lr", "n_protos",
+             "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "valid_pct", "gray", "rgb",
+             "max_images", "seed", "fp16")
+
+class RunStopped(Exception):
+    "The run stopped before its end (a signal or an error during training); `code` is the exit status"
+    def __init__(self, msg: str, code: int): super().__init__(msg); self.code = code
+
+def _check_output(s: SimpleNamespace) -> Path:
+    "The output folder, refused if it holds another run (unless `--overwrite`, which removes that run's files)"
+    out = Path(s.output)
+    finished, started = (out / RUN_FILES["results"]).exists(), (out / RUN_FILES["checkpoint"]).exists()
+    if (finished or started) and not s.overwrite:
+        if finished: raise UsageError(f"--output {str(out)!r} holds a finished run ({RUN_FILES['results']}): pass --overwrite to replace it, or another --output")
+        raise UsageError(f"--output {str(out)!r} holds an interrupted run: resume it with --resume {out}, or pass --overwrite to start again")
+    for name in RUN_FILES.values():
+        if (out / name).exists(): (out / name).unlink()
+    return out
+
+def _defaults() -> dict:
+    "The default of every option"
+    return {k: list(p.default) if isinstance(p.default, tuple) else p.default for k, p in inspect.signature(swav_pretrain).parameters.items()}
+
+def _resume_settings(s: SimpleNamespace) -> tuple[SimpleNamespace, dict]:
+    "(settings, checkpoint) of the run in `--resume`: its own settings, with the options given now that may change"
+    out = Path(s.resume)
+    if (out / RUN_FILES["results"]).exists():
+        raise UsageError(f"--resume {str(out)!r}: that run is finished ({RUN_FILES['results']}); start a new one with another --output")
+    try: ckpt = read_checkpoint(out / RUN_FILES["checkpoint"])
+    except ValueError as e: raise UsageError(f"--resume: {e}") from None
+    saved, defaults = ckpt["settings"], _defaults()
+    given = {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite", "output") and v != defaults[k]}
+    clash = [k for k, v in given.items() if k in _SAME_RUN and v != saved.get(k)]
+    world = world_rank()[0]
+    if saved.get("world_size", 1) != world: clash.append("world_size")
+    if clash:
+        fmt = lambda k, v: f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        theirs = ", ".join(fmt(k, saved.get(k)) if k != "world_size" else f"{saved.get(k, 1)} processes" for k in clash)
+        mine = ", ".join(fmt(k, given[k]) if k != "world_size" else f"{world} processes" for k in clash)
+        raise UsageError(f"--resume {str(out)!r}: its run was made with {theirs}, not {mine}: drop those options (or launch as many "
+                         "processes) to resume it, or start a new run in another --output")
+    keep = {k: saved[k] for k in defaults if k in saved}
+    return SimpleNamespace(**{**defaults, **keep, **given, "resume": s.resume, "output": s.resume, "overwrite": False}), ckpt
+
+def _stopped(out: Path, why: str, learn: Learner) -> str:
+    "What was saved when a run stopped early, and how to resume it"
+    try: done = read_checkpoint(out / RUN_FILES["checkpoint"])["epoch"] + 1
+    except ValueError: done = 0
+    if not done: return f"{why} in epoch 1 of {learn.n_epoch}: no epoch finished, nothing was saved; start again"
+    return (f"{why} in epoch {min(learn.epoch + 1, learn.n_epoch)} of {learn.n_epoch}; {out / RUN_FILES['checkpoint']} holds the run after "
+            f"epoch {done} (and {RUN_FILES['encoder']}, {RUN_FILES['model']} the latest weights): resume with `swav_pretrain --resume {out}`")
+
+def _image_error(e: BaseException) -> str | None:
+    "The message of `_open_image`'s error (raised in a DataLoader worker too), if `e` is one"
+    msg = str(e).strip().splitlines()[-1].removeprefix("OSError: ") if isinstance(e, OSError) else ""
+    return msg if msg.startswith("cannot read image") else None
+
+def _fit(learn: Learner, s: SimpleNamespace, start_epoch: int, out: Path, save):
+    "`fit_one_cycle` from `start_epoch`, stopping cleanly on SIGTERM/Ctrl-C and on errors (the latest weights saved first)"
+    try:
+        with stop_on_signals(): learn.fit_one_cycle(s.epochs, s.lr, start_epoch=start_epoch)
+    except Interrupted as e:
+        save()
+        raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
+    except Exception as e:
+        if _image_error(e) and not (out / RUN_FILES["checkpoint"]).exists(): raise UsageError(_image_error(e)) from None
+        save()
+        why = _image_error(e) or f"{type(e).__name__}: {_first_line(e)}"
+        raise RunStopped("error: " + _stopped(out, f"training stopped ({why})", learn), 1) from None
+
+def _first_line(e: BaseException) -> str:
+    "The first line of `e`'s own message (fastai prefixes errors raised in callbacks with a line naming the callback)"
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    if lines and lines[0].startswith("Exception occured in"): lines = lines[1:]
+    return lines[0] if lines else ""
+
+def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm._BatchNorm) for l in m.modules())
+
+def _say(*args):
+    "print, on the main process only"
+    if world_rank()[1] == 0: print(*args, flush=True)
+
 def _run(s: SimpleNamespace) -> dict:
-    "The job of `swav_pretrain`, raising `UsageError` for mistakes"
+    "The job of `swav_pretrain`, raising `UsageError` for mistakes and `RunStopped` when training stops early"
     start = time.time()
+    ckpt = None
+    if s.resume: s, ckpt = _resume_settings(s)
     check_settings(s)
     set_seed(s.seed)
     n_in = 1 if (s.gray or (s.path is None and not s.rgb)) else 3
     encoder, dls, labelled, what, augs = _build(s, n_in)
-    out = Path(s.output)   # created once the data is checked (no empty folder after a mistake), before training
+    out = Path(s.output) if s.resume else _check_output(s)   # created once the data is checked (no empty folder after a mistake)
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise UsageError(f"cannot create --output {str(out)!r}: {e}") from None
     tfm, n_train, n_valid = pipeline_normalization(augs), len(dls.train.dataset), len(dls.valid.dataset)
     freeze = s.freeze_protos_iters if s.freeze_protos_iters is not None else len(dls.train)
     crops = " + ".join(f"{n}x{c}px" for n, c in zip(s.num_crops, s.crop_sizes))
-    print(f"data: {what}; {n_train} training and {n_valid} validation images, {n_in} channel{'s' if n_in > 1 else ''}")
-    print(f"model: {s.arch} (random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters), "
-          f"{s.n_protos} prototypes, crops {crops}, {'queue of ' + str(s.K) if s.K else 'no queue'}, "
-          f"prototypes frozen for {freeze} iterations")
-    with _image_errors():
+    _say(f"data: {what}; {n_train} training and {n_valid} validation images, {n_in} channel{'s' if n_in > 1 else ''}")
+    _say(f"model: {s.arch} (random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters), "
+         f"{s.n_protos} prototypes, crops {crops}, {'queue of ' + str(s.K) if s.K else 'no queue'}, "
+         f"prototypes frozen for {freeze} iterations")
+    if ckpt is None:
         knn_random = _knn(encoder, dls, tfm) if labelled else None
-        if labelled: print(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
-        learn = _learner(s, encoder, dls, labelled, augs, freeze)
-        learn.fit_one_cycle(s.epochs, s.lr)
-        recalibrate_bn(encoder, dls.train, tfm)   # BatchNorm statistics of full-size images, not a mix with the small crops'
+        if labelled: _say(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
+    else: knn_random = ckpt["settings"].get("knn_top1_random")
+    settings = dict(vars(s), world_size=world_rank()[0], knn_top1_random=knn_random)
+    if world_rank()[1] == 0: (out / RUN_FILES["settings"]).write_text(json.dumps(settings, indent=1, default=str))
+    learn = _learner(s, encoder, dls, labelled, augs, freeze, out, settings)
+    start_epoch = load_checkpoint(learn, ckpt) if ckpt is not None else 0
+    if ckpt is not None: _say(f"resuming {out} after epoch {start_epoch} of {s.epochs}")
+    meta = dict(arch=s.arch, arch_kwargs=_arch_kwargs(s), n_in=n_in, image_size=s.size or max(s.crop_sizes))
+    save = lambda: _save_models(learn, out, meta)
+    _fit(learn, s, start_epoch, out, save)
+    with _image_errors():
+        if _has_bn(encoder):   # BatchNorm statistics of full-size images, not a mix with the small crops'
+            recalibrate_bn(encoder, dls.train, tfm)
+            _say(f"BatchNorm statistics recomputed on the {n_train} training images at full size")
         knn_pretrained = _knn(encoder, dls, tfm) if labelled else None
-    print(f"BatchNorm statistics recomputed on the {n_train} training images at full size")
-    if labelled: print(f"kNN top-1 (k=20) of the pretrained encoder: {_fmt(knn_pretrained)} (random init: {_fmt(knn_random)})")
-    save_encoder(learn, out / "encoder.pth", arch=s.arch, n_in=n_in, pool_type="catavgmax")
-    results = dict(settings=vars(s), data=dict(description=what, n_train=n_train, n_valid=n_valid, n_in=n_in, labelled=labelled),
+    if labelled: _say(f"kNN top-1 (k=20) of the pretrained encoder: {_fmt(knn_pretrained)} (random init: {_fmt(knn_random)})")
+    save()
+    results = dict(settings=settings, data=dict(description=what, n_train=n_train, n_valid=n_valid, n_in=n_in, labelled=labelled),
                    freeze_protos_iters=freeze, knn_top1_random=knn_random, knn_top1_pretrained=knn_pretrained,
-                   epochs=_log(learn), seconds=round(time.time() - start, 1))
-    (out / "swav_pretrain.json").write_text(json.dumps(results, indent=1, default=str))
-    print(f"wrote {out / 'encoder.pth'} and {out / 'swav_pretrain.json'} in {results['seconds']:.0f}s")
+                   epochs=_log(out / RUN_FILES["history"]), seconds=round(time.time() - start, 1))
+    if world_rank()[1] == 0:
+        plots = plot_run(out / RUN_FILES["history"] if ckpt is not None else learn, out, s.n_protos, knn_random)   # a resumed fit's recorder lacks the first epochs
+        (out / RUN_FILES["results"]).write_text(json.dumps(results, indent=1, default=str))
+        _summary(s, out, results, plots)
     return results
+
+def _save_models(learn: Learner, out: Path, meta: dict):
+    "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
+    if world_rank()[1] != 0: return
+    save_encoder(learn, out / RUN_FILES["encoder"], **meta)
+    save_swav_model(learn, out / RUN_FILES["model"], **meta)
+
+def _summary(s: SimpleNamespace, out: Path, results: dict, plots: list):
+    "The end of the run in a few lines: time, speed, kNN, prototype usage, the files, the next commands"
+    epochs = results["epochs"]
+    knn = [e["knn_top1"] for e in epochs if e.get("knn_top1") is not None]
+    n_seen = results["data"]["n_train"] * s.epochs
+    print(f"done in {results['seconds']:.0f}s ({n_seen / max(results['seconds'], 1e-9):.0f} images/s over the run)"
+          + (f"; kNN top-1 best {max(knn):.4f}, final {_fmt(results['knn_top1_pretrained'])} (random init {_fmt(results['knn_top1_random'])})" if knn else "")
+          + (f"; prototypes used in the last epoch: {epochs[-1].get('protos_used')} of {s.n_protos}" if epochs else ""))
+    files = [RUN_FILES[k] for k in ("encoder", "model", "results", "settings", "history", "checkpoint")] + [p.name for p in plots]
+    print(f"wrote {', '.join(files)} in {out}/")
+    print(f"next: fine-tune with finetune_learner(dls, {str(out / RUN_FILES['encoder'])!r}); sort images by prototype with "
+          f"swav_cluster --model {out / RUN_FILES['model']} --path {s.path or 'FOLDER'}")
 
 # %% ../nbs/06_cli.ipynb #c022
 def swav_pretrain(
     path: str = None,               # Folder of images (searched recursively); default: scikit-learn digits, no download
-    arch: str = "resnet10t",        # timm model name or fastai architecture (e.g. resnet18, xresnet18), randomly initialised
+    arch: str = "resnet10t",        # timm model name or fastai architecture (e.g. resnet18, xresnet18, vit_tiny_patch16_224), randomly initialised
     num_crops: list[int] = (2, 2),        # Number of crops of each size
     crop_sizes: list[int] = (24, 12),     # Side of the crops in px, per size
     min_scales: list[float] = (0.6, 0.35), # Smallest crop area (fraction of the image), per size
@@ -293,9 +442,12 @@ def swav_pretrain(
     rgb: bool = False,              # Use the embedded digits as 3-channel images
     max_images: int = None,         # Use only the first max_images images (quick tries)
     workers: int = None,            # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
-    output: str = "swav_output",    # Folder for encoder.pth and swav_pretrain.json
+    output: str = "swav_output",    # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42,                 # Random seed (split, initialisation, augmentations)
     fp16: bool = False,             # Mixed precision training (needs a CUDA GPU)
+    arch_kwargs: str = None,        # More options of the architecture, as JSON (timm's, e.g. '{"drop_path_rate": 0.1}')
+    resume: str = None,             # Continue the interrupted run in this folder (its settings; options that change the run are refused)
+    overwrite: bool = False,        # Replace the run that --output holds
 ):
     "Pretrain an encoder with SwAV on a folder of images (or the embedded digits) and report kNN top-1; `UsageError` for bad input"
     s = SimpleNamespace(**{k: v for k, v in locals().items()})
@@ -324,9 +476,12 @@ def cli_parser(func=None) -> argparse.ArgumentParser:
     return p
 
 def main(argv: list[str] | None = None):
-    "The `swav_pretrain` command: parse `argv` (default: `sys.argv[1:]`), run, print a `UsageError` as one line and exit with status 2"
+    "The `swav_pretrain` command: parse `argv` (default: `sys.argv[1:]`), run; a `UsageError` or a stopped run is one line on stderr and an exit status (2; 1 or 128 + signal)"
     args = cli_parser().parse_args(argv)
     try: swav_pretrain(**vars(args))
     except UsageError as e:
         print(f"swav_pretrain: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        print(f"swav_pretrain: {e}", file=sys.stderr)
+        sys.exit(e.code)
