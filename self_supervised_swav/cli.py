@@ -40,7 +40,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.finetune import save_encoder, save_swav_model
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     from self_supervised_swav.recipe import plot_run, use_line_progress
-    from self_supervised_swav.resume import world_rank
+    from self_supervised_swav.distributed import is_main_process, n_processes, swav_distrib_ctx
     from self_supervised_swav.checks import SettingError, check_in_range, check_positive
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
@@ -301,7 +301,7 @@ def _resume_settings(s: SimpleNamespace) -> tuple[SimpleNamespace, dict]:
     saved, defaults = ckpt["settings"], _defaults()
     given = {k: v for k, v in vars(s).items() if k not in ("resume", "overwrite", "output") and v != defaults[k]}
     clash = [k for k, v in given.items() if k in _SAME_RUN and v != saved.get(k)]
-    world = world_rank()[0]
+    world = n_processes()
     if saved.get("world_size", 1) != world: clash.append("world_size")
     if clash:
         fmt = lambda k, v: f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
@@ -328,7 +328,7 @@ def _image_error(e: BaseException) -> str | None:
 def _fit(learn: Learner, s: SimpleNamespace, start_epoch: int, out: Path, save):
     "`fit_one_cycle` from `start_epoch`, stopping cleanly on SIGTERM/Ctrl-C and on errors (the latest weights saved first)"
     try:
-        with stop_on_signals(): learn.fit_one_cycle(s.epochs, s.lr, start_epoch=start_epoch)
+        with stop_on_signals(), swav_distrib_ctx(learn): learn.fit_one_cycle(s.epochs, s.lr, start_epoch=start_epoch)
     except Interrupted as e:
         save()
         raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
@@ -348,7 +348,7 @@ def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm
 
 def _say(*args):
     "print, on the main process only"
-    if world_rank()[1] == 0: print(*args, flush=True)
+    if is_main_process(): print(*args, flush=True)
 
 def _run(s: SimpleNamespace) -> dict:
     "The job of `swav_pretrain`, raising `UsageError` for mistakes and `RunStopped` when training stops early"
@@ -359,7 +359,7 @@ def _run(s: SimpleNamespace) -> dict:
     set_seed(s.seed)
     n_in = 1 if (s.gray or (s.path is None and not s.rgb)) else 3
     encoder, dls, labelled, what, augs = _build(s, n_in)
-    out = Path(s.output) if s.resume else _check_output(s)   # created once the data is checked (no empty folder after a mistake)
+    out = Path(s.output) if s.resume or not is_main_process() else _check_output(s)   # once the data is checked: no empty folder after a mistake
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise UsageError(f"cannot create --output {str(out)!r}: {e}") from None
     tfm, n_train, n_valid = pipeline_normalization(augs), len(dls.train.dataset), len(dls.valid.dataset)
@@ -373,8 +373,8 @@ def _run(s: SimpleNamespace) -> dict:
         knn_random = _knn(encoder, dls, tfm) if labelled else None
         if labelled: _say(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
     else: knn_random = ckpt["settings"].get("knn_top1_random")
-    settings = dict(vars(s), world_size=world_rank()[0], knn_top1_random=knn_random)
-    if world_rank()[1] == 0: (out / RUN_FILES["settings"]).write_text(json.dumps(settings, indent=1, default=str))
+    settings = dict(vars(s), world_size=n_processes(), knn_top1_random=knn_random)
+    if is_main_process(): (out / RUN_FILES["settings"]).write_text(json.dumps(settings, indent=1, default=str))
     learn = _learner(s, encoder, dls, labelled, augs, freeze, out, settings)
     start_epoch = load_checkpoint(learn, ckpt) if ckpt is not None else 0
     if ckpt is not None: _say(f"resuming {out} after epoch {start_epoch} of {s.epochs}")
@@ -391,7 +391,7 @@ def _run(s: SimpleNamespace) -> dict:
     results = dict(settings=settings, data=dict(description=what, n_train=n_train, n_valid=n_valid, n_in=n_in, labelled=labelled),
                    freeze_protos_iters=freeze, knn_top1_random=knn_random, knn_top1_pretrained=knn_pretrained,
                    epochs=_log(out / RUN_FILES["history"]), seconds=round(time.time() - start, 1))
-    if world_rank()[1] == 0:
+    if is_main_process():
         plots = plot_run(out / RUN_FILES["history"] if ckpt is not None else learn, out, s.n_protos, knn_random)   # a resumed fit's recorder lacks the first epochs
         (out / RUN_FILES["results"]).write_text(json.dumps(results, indent=1, default=str))
         _summary(s, out, results, plots)
@@ -399,7 +399,7 @@ def _run(s: SimpleNamespace) -> dict:
 
 def _save_models(learn: Learner, out: Path, meta: dict):
     "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
-    if world_rank()[1] != 0: return
+    if not is_main_process(): return
     save_encoder(learn, out / RUN_FILES["encoder"], **meta)
     save_swav_model(learn, out / RUN_FILES["model"], **meta)
 
@@ -410,7 +410,7 @@ def _summary(s: SimpleNamespace, out: Path, results: dict, plots: list):
     n_seen = results["data"]["n_train"] * s.epochs
     print(f"done in {results['seconds']:.0f}s ({n_seen / max(results['seconds'], 1e-9):.0f} images/s over the run)"
           + (f"; kNN top-1 best {max(knn):.4f}, final {_fmt(results['knn_top1_pretrained'])} (random init {_fmt(results['knn_top1_random'])})" if knn else "")
-          + (f"; prototypes used in the last epoch: {epochs[-1].get('protos_used')} of {s.n_protos}" if epochs else ""))
+          + (f"; prototypes used in the last epoch: {epochs[-1]['protos_used']:.0f} of {s.n_protos}" if epochs and epochs[-1].get('protos_used') is not None else ""))
     files = [RUN_FILES[k] for k in ("encoder", "model", "results", "settings", "history", "checkpoint")] + [p.name for p in plots]
     print(f"wrote {', '.join(files)} in {out}/")
     print(f"next: fine-tune with finetune_learner(dls, {str(out / RUN_FILES['encoder'])!r}); sort images by prototype with "
@@ -485,3 +485,7 @@ def main(argv: list[str] | None = None):
     except RunStopped as e:
         print(f"swav_pretrain: {e}", file=sys.stderr)
         sys.exit(e.code)
+
+# %% ../nbs/06_cli.ipynb #c022n
+#| eval: false
+if __name__ == "__main__": main()

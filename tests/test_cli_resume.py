@@ -121,3 +121,19 @@ def test_sigterm_and_sigkill_through_the_console_script(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("swav_pretrain: stopped by SIGTERM") and "--resume" in err
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    "`torchrun --nproc_per_node 2 -m self_supervised_swav.cli`: one set of outputs and one report, from rank 0; a resume needs 2 processes"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "self_supervised_swav.cli",
+           "--output", str(out), "--max_images", "200", "--size", "16", "--crop_sizes", "16", "8", "--bs", "20", "--n_protos", "10",
+           "--epochs", "1"]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("data: scikit-learn digits") == 1 and res.stdout.count("done in") == 1
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["world_size"] == 2 and (out / "swav_model.pth").exists()
+    assert read_checkpoint(out / "checkpoint.pth")["settings"]["world_size"] == 2
+    (out / "swav_pretrain.json").unlink()                     # as if interrupted: one process cannot resume a 2-process run
+    with pytest.raises(UsageError, match="its run was made with 2 processes, not 1 processes"): swav_pretrain(resume=str(out))
