@@ -148,6 +148,11 @@ def assert_aug_pipelines(
                              "(get_batch_augs does) so its transforms run on the training split.")
 
 # %% ../nbs/01_augmentations.ipynb #c022c
+def _declared_crop_size(pipe: Pipeline) -> int | None:
+    "The output side in px of `pipe`'s first transform when it is a kornia crop (`get_batch_augs` starts with one), else None"
+    size = getattr(getattr(pipe.fs[0], "aug", None), "flags", {}).get("size") if len(pipe.fs) else None
+    return int(max(size)) if isinstance(size, (tuple, list)) and size else None
+
 class MultiCrop(list):
     "The pipelines of the crops of a batch (a list, one per crop) and the groups of identically distributed crops"
     def __init__(self,
@@ -160,6 +165,11 @@ class MultiCrop(list):
         if not all(isinstance(g, int) and g >= 1 for g in self.groups) or sum(self.groups) != len(self):
             raise SettingError("groups", f"groups must be positive ints that add up to the {len(self)} pipelines, got {groups!r}")
         self._rest = {}   # the pipeline after its crop, per group: built once
+
+    @property
+    def crop_sizes(self) -> list[int | None]:
+        "Side in px of each crop, as its first transform declares it (a kornia crop's `size`); None where none is declared"
+        return [_declared_crop_size(p) for p in self]
 
     def group_ranges(self) -> list[tuple[int, int]]:
         "(start, end) crop indices of each group"

@@ -74,6 +74,14 @@ def pipeline_normalization(
     return Pipeline(norms) if norms else None
 
 # %% ../nbs/04_evaluation.ipynb #c012b
+def _two_or_more(batches: Iterable) -> Iterable[Tensor]:
+    "The image batches of `batches`, a batch of one image merged into the next (BatchNorm in training mode needs two); a last single image dropped"
+    held = None
+    for b in batches:
+        x = b[0].as_subclass(Tensor)
+        held = x if held is None else torch.cat([held, x.to(held.device)])
+        if len(held) >= 2: yield held; held = None
+
 def recalibrate_bn(
     encoder: nn.Module,            # Encoder whose BatchNorm running statistics are recomputed, in place
     dl: Iterable,                  # Yields `(images, ...)` batches of full-size images (labels are ignored)
@@ -88,13 +96,14 @@ def recalibrate_bn(
         encoder.train()
         for m in bns: m.reset_running_stats(); m.momentum = None   # cumulative average
         try:
-            for b in _ordered(dl):
+            for x in _two_or_more(_ordered(dl)):
                 if max_batches is not None and n >= max_batches: break
-                x = b[0].as_subclass(Tensor).to(dev)
+                x = x.to(dev)
                 encoder(tfm(x) if tfm is not None else x); n += 1
         finally:
             for m, mom in zip(bns, momenta): m.momentum = mom
-    if n == 0: raise ValueError("dl yielded no batches: the BatchNorm statistics were reset and not recomputed.")
+    if n == 0: raise ValueError("dl yielded no batches of 2 images or more (BatchNorm in training mode needs two): the BatchNorm "
+                                "statistics were reset and not recomputed; pass a DataLoader of at least 2 images.")
     return encoder
 
 # %% ../nbs/04_evaluation.ipynb #c014
@@ -311,7 +320,7 @@ class PrototypeUsageMonitor(Callback):
         self.usage = PrototypeUsage(self.temp or (swav.temp if swav is not None else 0.1))
         self._loss_sum, self._n_batches = 0., 0
     def after_batch(self):
-        if not self.training: return
+        if not self.training or not len(self.yb): return   # (a batch SWAV skipped has no yb and the previous pred)
         self.usage.update(self.pred[1])
         self._loss_sum, self._n_batches = self._loss_sum + self.loss.detach().float(), self._n_batches + 1
     def after_epoch(self):

@@ -5,25 +5,26 @@
 # %% ../nbs/02_swav.ipynb #c003
 from __future__ import annotations
 import warnings
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelBatchException, GatherPredsCallback
 from fastai.data.core import Pipeline
 from fastai.torch_core import get_model
 
 from .augmentations import MultiCrop, get_batch_augs, show_crops
 from .checks import SettingError, check_choice, check_in_range, check_positive, check_same_length
-from .layers import create_mlp_module, encoder_feature_dim
+from .evaluation import pipeline_normalization
+from .layers import check_encoder_input_size, create_mlp_module, encoder_feature_dim
 from .resume import ResizingBuffers, RandomStateHolder, ResumeRandomState, all_gather_stack, attach_state, world_rank
 
 # %% auto #0
 __all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVQueue', 'IterationCounter', 'attach_swav_state', 'SwAVModel', 'create_swav_model',
            'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes', 'swav_loss', 'check_queue_length',
-           'normalize_prototypes', 'SWAV']
+           'normalize_prototypes', 'whole_images', 'SwAVLossFunc', 'show_dl_prototypes', 'SWAV']
 
 # %% ../nbs/02_swav.ipynb #c005b
 def _dist_on() -> bool: return world_rank()[0] > 1
@@ -314,9 +315,41 @@ def check_queue_length(
         raise SettingError("K", f"K={K} (queue length) is larger than the training set ({n} images per process): the queue "
                                 f"would hold the same image twice. Use K <= {n}, or no queue (K=None; swav_pretrain --K 0).")
 
+def _local_bs(dl) -> int:
+    "Images per training step in this process (0 if unknown): a fastai DataLoader's `bs`, or torch's `batch_size`"
+    return getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0
+
 def _global_bs(dl) -> int:
-    "Images per training step over all processes (0 if unknown): a fastai DataLoader's `bs`, or torch's `batch_size`"
-    return (getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0) * world_rank()[0]
+    "Images per training step over all processes (0 if unknown)"
+    return _local_bs(dl) * world_rank()[0]
+
+def _check_batch_size(bs: int):
+    "A `SettingError` for training batches of one image: BatchNorm cannot normalise them, Sinkhorn cannot share them"
+    if bs == 1:
+        raise SettingError("bs", "SWAV needs training batches of at least 2 images, got bs=1: BatchNorm cannot normalise a "
+                                 "single image and Sinkhorn cannot share one image among prototypes. Use bs >= 2 (swav_pretrain --bs).")
+
+def _warn_short_queue(K: int | None, bs: int):
+    "Warn when the queue holds fewer embeddings than one (global) batch: it then adds less to Sinkhorn than the batch itself"
+    if K is not None and 0 < K < bs:
+        warnings.warn(f"SWAV(K={K}): the queue is shorter than the global batch of {bs} images, so it holds part of the "
+                      f"previous batch only and adds little to Sinkhorn. Use K >= {bs} (several batches: the paper queues "
+                      "3840 embeddings for batches of 256) or no queue (K=None; swav_pretrain --K 0).")
+
+def _warn_small_assignment_crops(crop_sizes: Sequence[int | None], crop_assgn_ids: Sequence[int]):
+    "Warn when codes come from crops smaller than other crops (the paper computes them from the large crops)"
+    known = [s for s in crop_sizes if s is not None]
+    small = [i for i in crop_assgn_ids if crop_sizes[i] is not None and crop_sizes[i] < max(known, default=0)]
+    if small:
+        warnings.warn(f"SWAV computes codes from crops {small} of {[crop_sizes[i] for i in small]} px while other crops are "
+                      f"{max(known)} px: codes should come from the large crops (crop_assgn_ids of the largest crops, "
+                      "e.g. [0, 1] with the large crop sizes listed first: swav_pretrain --crop_sizes 224 96).")
+
+def _check_encoder_sizes(model: nn.Module, crop_sizes: Sequence[int | None]):
+    "A one-line `ValueError` before training if the model's `encoder` (when it has one with a convolution) cannot take a crop size"
+    enc, sizes = getattr(model, "encoder", None), sorted({s for s in crop_sizes if s is not None})
+    if not (isinstance(enc, nn.Module) and sizes and any(getattr(m, "weight", None) is not None and m.weight.ndim == 4 for m in enc.modules())): return
+    with torch.no_grad(): check_encoder_input_size(enc, sizes)
 
 def _warn_few_images(bs: int, n_protos: int):
     "Warn when, without a queue, Sinkhorn must spread every image over several prototypes"
@@ -338,6 +371,83 @@ def _unpack_pred(pred, n_crops: int) -> tuple[Tensor, Tensor, int]:
         raise TypeError(f"SWAV expects the model to return (embedding, scores), got {type(pred).__name__}: use create_swav_model.")
     if pred[1].shape[0] % n_crops: raise ValueError(f"The model returned {pred[1].shape[0]} rows, not a multiple of the {n_crops} crops.")
     return pred[0], pred[1], pred[1].shape[0] // n_crops
+
+# %% ../nbs/02_swav.ipynb #c033b
+def _gathering(learn) -> GatherPredsCallback | None:
+    "fastai's `GatherPredsCallback` when the Learner gathers predictions (`get_preds`, `predict`, `show_results`), else None"
+    return next((cb for cb in learn.cbs if isinstance(cb, GatherPredsCallback)), None)
+
+def _predicting(learn) -> bool:
+    "fastai gathers predictions outside training: SWAV then feeds the whole images instead of crops"
+    return not learn.training and _gathering(learn) is not None
+
+def whole_images(
+    x: Tensor,          # A batch of images [B, C, H, W] as the DataLoader yields it
+    augs: MultiCrop,    # The crops' pipelines, whose normalisation is applied
+) -> list[Tensor]:
+    "The batch a SwAV model takes at inference: one 'crop', the whole images normalised as the pipelines normalise the crops"
+    x, norm = x.as_subclass(Tensor), pipeline_normalization(augs)
+    return [norm(x).as_subclass(Tensor) if norm is not None else x]
+
+def _check_gathering(cb: GatherPredsCallback):
+    "A clear error for what `get_preds` cannot give with SWAV"
+    if cb.with_loss:
+        raise ValueError("get_preds(with_loss=True) has no per-image loss with SWAV (its loss needs the crops of a whole batch): "
+                         "use learn.validate() for the SwAV validation loss, or get_preds() without with_loss.")
+
+_NO_DECODING = ("With SWAV there is nothing to decode (learn.predict, learn.show_results, get_preds(with_decoded=True)): "
+                "learn.get_preds() gives the (embedding, scores) of every whole image, "
+                "self_supervised_swav.clusters.assign_prototypes(learn.model, dl) their prototypes, learn.swav.show_prototypes() a gallery.")
+
+class SwAVLossFunc:
+    "The `loss_func` `SWAV` gives the Learner during fit: the SwAV loss, with no activation and no decoding for fastai's `get_preds`"
+    def __init__(self, loss: Callable): self.loss = loss   # (pred, *yb) -> loss: `SWAV`'s
+    def __call__(self, pred, *yb) -> Tensor: return self.loss(pred, *yb)
+    def activation(self, x): return x
+    def decodes(self, x): raise ValueError(_NO_DECODING)
+
+_ONE_IMAGE = ("SWAV skips training batches of a single image (BatchNorm cannot normalise one image, Sinkhorn cannot share "
+              "it among prototypes): drop the last partial batch (DataLoader drop_last=True) or pick a batch size that leaves none.")
+
+def _skip_single_image(learn):
+    "Cancel a training batch of one image, with a warning (shown once: the message is always the same)"
+    if learn.training and len(learn.x) == 1:
+        warnings.warn(_ONE_IMAGE)
+        learn.yb = ()   # nothing to record: fastai's Recorder and SWAV's iteration count skip the batch
+        raise CancelBatchException()
+
+def _images_of(dl: Iterable, max_images: int) -> Tensor:
+    "The first `max_images` images of `dl`, in order (a fastai DataLoader unshuffled), on the CPU"
+    xs, n = [], 0
+    for b in (dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl):
+        xs.append(b[0].as_subclass(Tensor).cpu()); n += len(xs[-1])
+        if n >= max_images: break
+    if not xs: raise ValueError("dl yielded no images: pass a DataLoader of (images, ...) batches.")
+    return torch.cat(xs)[:max_images]
+
+class _OneCrop(nn.Module):
+    "A SwAV model called on whole images as one crop, `model([x])`: the input every SwAV model takes (`SwAVModel` and hand-made)"
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.prototypes = model, model.prototypes
+        self.train(model.training)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]: return self.model([x])
+
+def show_dl_prototypes(
+    model: nn.Module,          # A SwAV model
+    dl: Iterable,              # Batches `(images, ...)` of images in [0, 1]
+    augs: MultiCrop,           # The pretraining pipelines: their normalisation is applied before the model
+    n_rows: int = 8,           # Prototypes shown (the largest)
+    n_images: int = 8,         # Images per prototype, the highest-scoring first
+    max_images: int = 2048,    # Images of `dl` assigned and shown: the first ones
+    **kwargs,                  # Passed to `clusters.show_prototypes` (`protos`, `scale`)
+):
+    "`clusters.show_prototypes` of the first images of `dl`, assigned on the whole images with the pipelines' normalisation"
+    from self_supervised_swav.clusters import assign_prototypes, show_prototypes   # clusters imports this module
+    images = _images_of(dl, check_positive("max_images", max_images, integer=True))
+    res = assign_prototypes(_OneCrop(model), images, tfm=pipeline_normalization(augs))
+    return show_prototypes(res, images, n_rows=n_rows, n_images=n_images, **kwargs)
+
 
 # %% ../nbs/02_swav.ipynb #c034
 class SWAV(Callback):
@@ -364,6 +474,7 @@ class SWAV(Callback):
         self.n_sinkh_iter = check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
         self.freeze_protos_iters = check_positive("freeze_protos_iters", freeze_protos_iters, integer=True, minimum=0)
         self.print_augs, self.resume_rng, self._old_loss_func = print_augs, resume_rng, None
+        self._loss_func = SwAVLossFunc(self._swav_loss)
 
     @property
     def augs(self) -> MultiCrop:
@@ -394,17 +505,22 @@ class SWAV(Callback):
     # ---- events
     def after_create(self):
         if isinstance(getattr(self.swav_model, "prototypes", None), nn.Linear): self._attach_state()
-    def before_fit(self): self._attach_state(); self._check_fit(); self._swap_loss_func()
+    def before_fit(self):
+        self._attach_state()
+        if not _predicting(self.learn): self._check_fit()   # get_preds: no training checks
+        self._swap_loss_func()
+    def before_validate(self):
+        if _predicting(self.learn): _check_gathering(_gathering(self.learn))
     def after_epoch(self): self.swav_model.queue.gather_ranks()
     def after_cancel_fit(self): self._restore_loss_func()
     def after_fit(self): self._restore_loss_func()
     def before_batch(self):
-        normalize_prototypes(self.swav_model.prototypes)
-        self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
+        if _predicting(self.learn): self.learn.xb = (whole_images(self.x, self.augs),)
+        else: self._crops_batch()
     def before_step(self):
         if int(self.swav_model.swav_iters) < self.freeze_protos_iters: self.swav_model.prototypes.weight.grad = None
     def after_batch(self):
-        if self.training: self.swav_model.swav_iters.step()
+        if self.training and len(self.yb): self.swav_model.swav_iters.step()   # (a skipped batch has no yb)
 
     # ---- wiring
     def _attach_state(self):
@@ -418,16 +534,24 @@ class SWAV(Callback):
         "Checks that need the model and the data (pipelines may have been replaced since construction); the queue shaped for the run"
         m = self.swav_model
         self.crop_assgn_ids = _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))
+        _check_batch_size(_local_bs(self.dls.train)); _check_encoder_sizes(m, self.augs.crop_sizes)
         if self.K is not None: check_queue_length(self.K, len(self.dls.train.dataset))
         else: _warn_few_images(_global_bs(self.dls.train), m.prototypes.out_features)
+        _warn_short_queue(self.K, _global_bs(self.dls.train)); _warn_small_assignment_crops(self.augs.crop_sizes, self.crop_assgn_ids)
         m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
         if self.print_augs: print(*self.augs, sep="\n")
 
     def _swap_loss_func(self):
-        if self.learn.loss_func != self._swav_loss: self._old_loss_func = self.learn.loss_func
-        self.learn.loss_func = self._swav_loss
+        if self.learn.loss_func is not self._loss_func: self._old_loss_func = self.learn.loss_func
+        self.learn.loss_func = self._loss_func
     def _restore_loss_func(self):
-        if self._old_loss_func is not None and self.learn.loss_func == self._swav_loss: self.learn.loss_func = self._old_loss_func
+        if self._old_loss_func is not None and self.learn.loss_func is self._loss_func: self.learn.loss_func = self._old_loss_func
+
+    def _crops_batch(self):
+        "The batch replaced by its crops (a placeholder target if it has none); a batch of one training image skipped"
+        _skip_single_image(self.learn)
+        normalize_prototypes(self.swav_model.prototypes)
+        self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
 
     def _queue_filling(self) -> bool:
         "The queue takes new embeddings: training, past `queue_start_pct`"
@@ -437,7 +561,8 @@ class SWAV(Callback):
         return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
 
     def _swav_loss(self, pred, *yb) -> Tensor:
-        "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training"
+        "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training (none on whole images: get_preds)"
+        if _predicting(self.learn): return pred[1].new_zeros(())
         embedding, scores, bs = _unpack_pred(pred, len(self.augs))
         m = self.swav_model
         queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
@@ -448,3 +573,6 @@ class SWAV(Callback):
     def show(self, n: int = 1):
         "Show `n` images of a training batch, each with all its crops, decoded"
         return show_crops(self.dls.train.one_batch()[0][:n], self.augs)
+    def show_prototypes(self, dl: Iterable | None = None, n_rows: int = 8, n_images: int = 8, **kwargs):
+        "Gallery of the `n_rows` largest prototypes and their top `n_images` images of `dl` (default: validation), see `show_dl_prototypes`"
+        return show_dl_prototypes(self.swav_model, dl if dl is not None else self.dls.valid, self.augs, n_rows, n_images, **kwargs)

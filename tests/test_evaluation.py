@@ -235,3 +235,61 @@ def test_knn_monitor_rejects_bad_arguments(kw, msg):
 def test_knn_monitor_needs_an_encoder(small_dls):
     learn = Learner(small_dls, nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 10)), cbs=KNNMonitor(small_dls.train, small_dls.valid))
     with pytest.raises(TypeError, match="encoder"): learn.fit(1)
+
+
+# ---------------------------------------------------------------- batches of one image
+def one_by_one_bn():
+    "BatchNorm on a 1x1 map: a single image has one value per channel, which BatchNorm in training mode refuses"
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten())
+
+
+@pytest.mark.parametrize("sizes,merged", [
+    ([1] * 9, [2, 2, 2, 2]),          # single images merged in pairs; the ninth, alone at the end, left out
+    ([4, 4, 1], [4, 4]),              # a last batch of one image left out
+    ([1, 4, 4], [5, 4]),              # a single image merged into the next batch
+    ([4, 1, 4], [4, 5]),
+])
+def test_recalibrate_bn_takes_batches_of_one_image(sizes, merged):
+    torch.manual_seed(0)
+    xs = torch.randn(sum(sizes), 1, 8, 8) * 2 + 1
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    net = one_by_one_bn()
+    recalibrate_bn(net, [(xs[s:s + n],) for s, n in zip(starts, sizes)])
+    with torch.no_grad(): feats = net[:2](xs)
+    ends = [sum(merged[:i + 1]) for i in range(len(merged))]
+    expected = torch.stack([feats[e - n:e].mean((0, 2, 3)) for n, e in zip(merged, ends)]).mean(0)   # momentum=None: average of batches
+    torch.testing.assert_close(net[2].running_mean, expected, atol=1e-5, rtol=1e-4)
+    assert int(net[2].num_batches_tracked) == len(merged) and net.training
+
+
+def test_recalibrate_bn_with_one_image_only_is_a_clear_error():
+    with pytest.raises(ValueError, match="no batches of 2 images"): recalibrate_bn(one_by_one_bn(), [(torch.zeros(1, 1, 8, 8),)])
+
+
+@pytest.mark.parametrize("bs", [1, 32])
+def test_extract_features_and_knn_with_batches_of_one_image(digits16, bs):
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits16
+    dls = image_tensor_dls(x[:41], y[:41], valid_pct=0.2, bs=bs, device="cpu")      # 33 train: a last batch of one at bs=32
+    enc = create_encoder("resnet10t", pretrained=False, n_in=1)     # its last stage is 1x1 on 16 px images
+    feats, labels = extract_features(enc, dls.train)
+    ref, _ = extract_features(enc, [(dls.train.dataset.x,)])
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=1e-4)
+    assert torch.equal(labels, dls.train.dataset.y)
+    recalibrate_bn(enc, dls.train)
+    assert 0 <= knn_accuracy(enc, dls.train, dls.valid) <= 1
+
+
+def test_monitors_with_a_last_training_batch_of_one_and_a_bank_of_bs_1(digits16):
+    "KNNMonitor (with BatchNorm recalibration) on loaders of one image per batch; SWAV skips the single-image training batch"
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits16
+    dls = image_tensor_dls(x[:41], y[:41], valid_pct=0.2, bs=32, device="cpu", drop_last=False)   # 33 train: 32 + 1
+    mon = image_tensor_dls(x[300:330], y[300:330], valid_pct=0.3, bs=1, device="cpu")
+    knn, usage = KNNMonitor(mon.train, mon.valid, recalibrate_bn=True), PrototypeUsageMonitor()
+    learn = swav_learner(dls, create_encoder("resnet10t", pretrained=False, n_in=1), [knn, usage])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit(1)
+    assert 0 <= knn.values[0] <= 1 and int(learn.model.swav_iters) == 1
+    assert usage.usage.n == 32 * 3                                      # the crops of the one trained batch only

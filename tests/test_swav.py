@@ -480,3 +480,150 @@ def test_create_swav_model_bad_args():
     enc = create_encoder("resnet10t", pretrained=False)
     with pytest.raises(TypeError, match="create_encoder"): create_swav_model("resnet10t")
     with pytest.raises(ValueError, match="n_protos"): create_swav_model(enc, n_protos=0)
+
+
+# ---------------------------------------------------------------- fastai habits with SWAV attached (get_preds, validate, predict, show_results)
+from fastai.callback.core import CancelFitException as _CancelFit
+from self_supervised_swav.data import image_tensor_dls
+from helpers import HandMadeSwAV
+
+
+class StopAtStart(Callback):
+    "Ends fit after before_fit: SWAV's checks and warnings run, no batch does"
+    def before_epoch(self): raise _CancelFit()
+
+
+def normalised_pipes(sizes=(16, 8)):
+    return get_swav_aug_pipelines(num_crops=[2, 2], crop_sizes=list(sizes), min_scales=[0.3, 0.1], max_scales=[1.0, 0.4],
+                                  stats=([0.4], [0.3]), jitter=False, bw=False, blur=False)
+
+
+@pytest.mark.parametrize("fit_first", [False, True])
+@pytest.mark.parametrize("ds_idx", [0, 1])
+def test_get_preds_is_one_row_per_whole_image(tiny_dls, fit_first, ds_idx):
+    model = tiny_model(n_protos=20)
+    learn = make_learn(tiny_dls, SWAV(normalised_pipes(), [0, 1], K=None), model=model)
+    if fit_first: learn.fit(1)
+    orig, protos = learn.loss_func, model.prototypes.weight.detach().clone()
+    (emb, scores), targs = learn.get_preds(ds_idx=ds_idx)
+    ds = tiny_dls[ds_idx].dataset
+    assert emb.shape == (len(ds), 16) and scores.shape == (len(ds), 20)
+    with torch.no_grad(): ref_emb, ref_scores = model.eval()([(ds.x - 0.4) / 0.3])   # whole images, the pipelines' normalisation
+    torch.testing.assert_close(emb, ref_emb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-4)
+    assert torch.equal(targs, ds.y)                                   # in the order of the data, with its labels
+    assert learn.loss_func is orig and torch.equal(model.prototypes.weight, protos)   # nothing changed
+
+
+def test_get_preds_with_a_hand_made_model_and_no_labels(digits):
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    from fastcore.basics import noop
+    imgs = [(t,) for t in digits[0][:70]]
+    dls = DataLoaders(DataLoader(imgs, bs=32, shuffle=True, drop_last=True), DataLoader(imgs[:37], bs=16))
+    learn = Learner(dls, HandMadeSwAV(n_protos=10), loss_func=noop, cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    (emb, scores), _ = learn.get_preds()
+    assert emb.shape == (37, 16) and scores.shape == (37, 10)
+
+
+def test_validate_still_reports_the_swav_loss_after_get_preds(tiny_dls):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=64, queue_start_pct=0.0))
+    learn.fit(1)
+    valid_loss = learn.recorder.values[-1][1]
+    queue, iters = learn.swav.queue.clone(), int(learn.model.swav_iters)
+    learn.get_preds()
+    loss = learn.validate()[0]
+    assert math.isfinite(loss) and abs(loss - valid_loss) < 0.5      # crops and the SwAV formula, as in fit
+    torch.testing.assert_close(learn.swav.queue, queue)
+    assert int(learn.model.swav_iters) == iters
+
+
+def test_get_preds_inside_fit_gives_whole_images(tiny_dls):
+    shapes = []
+    class PredsAtEpochEnd(Callback):
+        order = 60
+        def after_epoch(self): shapes.append([t.shape for t in self.learn.get_preds(inner=True)[0]])
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn.fit(1, cbs=PredsAtEpochEnd())
+    assert shapes == [[(40, 16), (40, 20)]] and math.isfinite(learn.recorder.values[-1][1])
+
+
+def test_what_get_preds_cannot_give_is_a_clear_error(tiny_dls):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    orig = learn.loss_func
+    with pytest.raises(ValueError, match=r"with_loss=True.*learn\.validate\(\)"): learn.get_preds(with_loss=True)
+    for call in (lambda: learn.get_preds(with_decoded=True), lambda: learn.show_results(),
+                 lambda: learn.predict(tiny_dls.valid.dataset.x[0])):
+        with pytest.raises(ValueError, match="nothing to decode.*get_preds\\(\\).*assign_prototypes") as e: call()
+        assert "\n" not in str(e.value)
+    assert learn.loss_func is orig
+
+
+def test_show_prototypes_draws_the_grid(tiny_dls):
+    from self_supervised_swav.clusters import assign_prototypes
+    learn = make_learn(tiny_dls, SWAV(normalised_pipes(), [0, 1], K=None))
+    fig = learn.swav.show_prototypes(n_rows=3, n_images=4)
+    assert len(fig.axes) == 12
+    sizes = assign_prototypes(learn.model, tiny_dls.valid.dataset.x, tfm=lambda x: (x - 0.4) / 0.3).sizes
+    largest = sizes.argsort(descending=True, stable=True)[:3].tolist()
+    assert [fig.axes[4 * r].get_title(loc="left") for r in range(3)] == \
+        [f"prototype {p}: {int(sizes[p])} image{'s' if sizes[p] != 1 else ''}" for p in largest]
+    fig = learn.swav.show_prototypes(tiny_dls.train, protos=[0, 5], n_images=2, max_images=10)
+    assert len(fig.axes) == 4
+    with pytest.raises(ValueError, match="max_images"): learn.swav.show_prototypes(max_images=0)
+
+
+# ---------------------------------------------------------------- batches of one image
+@pytest.mark.parametrize("bn", [False, True])
+def test_a_last_training_batch_of_one_image_is_skipped_once_warned(digits, bn):
+    x, y = digits
+    dls = image_tensor_dls(x[:41], y[:41], valid_pct=0.2, bs=32, device="cpu", drop_last=False)   # 33 train: 32 + 1
+    learn = Learner(dls, create_swav_model(nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), *([nn.BatchNorm2d(8)] if bn else []),
+                                                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                                           hidden_size=32, projection_size=16, n_protos=20),
+                    cbs=SWAV(tiny_pipes(), [0, 1], K=16, queue_start_pct=0.0))
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("default")                              # Python's default: a warning once per place
+        learn.fit(2)
+    assert sum("single image" in str(w.message) for w in ws) == 1
+    assert int(learn.model.swav_iters) == 2 and len(learn.recorder.losses) == 2
+    assert learn.swav.queue_len == 16 and all(math.isfinite(v) for v in learn.recorder.values[-1])
+
+
+def test_bs_1_is_an_error_before_training(digits):
+    x, y = digits
+    learn = Learner(image_tensor_dls(x[:20], y[:20], bs=1, device="cpu"), tiny_model(), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    orig = learn.loss_func
+    with pytest.raises(ValueError, match=r"bs=1.*bs >= 2"): learn.fit(1)
+    assert int(learn.model.swav_iters) == 0 and learn.loss_func is orig
+
+
+# ---------------------------------------------------------------- warnings and checks at the start of fit
+@pytest.mark.parametrize("ids,K,expected", [
+    ([0, 1], None, []), ([0, 1], 64, []), ([0, 1], 32, []),
+    ([0, 1], 16, ["shorter than the global batch of 32"]),
+    ([2, 3], None, ["codes from crops [2, 3] of [8, 8] px while other crops are 16 px"]),
+    ([0, 3], 8, ["shorter than the global batch", "codes from crops [3] of [8] px"]),
+])
+def test_start_of_fit_warnings(tiny_dls, ids, K, expected):
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), ids, K=K))
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        learn.fit(1, cbs=StopAtStart())
+    msgs = [str(w.message) for w in ws if str(w.message).startswith("SWAV") and "prototypes: the equal-use" not in str(w.message)]
+    assert len(msgs) == len(expected) and all(any(e in m for m in msgs) for e in expected), msgs
+
+
+def test_crop_sizes_read_from_the_pipelines():
+    assert tiny_pipes(sizes=(16, 8)).crop_sizes == [16, 16, 8, 8]
+    assert MultiCrop([Pipeline([], split_idx=0)] * 2).crop_sizes == [None, None]
+
+
+def test_encoder_that_cannot_take_a_crop_size_fails_before_training(tiny_dls):
+    enc = nn.Sequential(nn.Conv2d(1, 8, 12), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())   # needs >= 12 px
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 8)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
+    orig = learn.loss_func
+    with pytest.raises(ValueError, match=r"cannot take 8 px crops.*smallest crop size it accepts is 16 px") as e: learn.fit(1)
+    assert "\n" not in str(e.value).split("\n", 1)[-1] and int(learn.model.swav_iters) == 0 and learn.loss_func is orig
+    learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 12)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
+    learn.fit(1, cbs=StopAtStart())                                   # 12 px is fine
