@@ -5,6 +5,7 @@
 # %% ../nbs/06_cli.ipynb #c003
 from __future__ import annotations
 import argparse
+import importlib.util
 import inspect
 import json
 import sys
@@ -39,14 +40,15 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
     from self_supervised_swav.finetune import save_encoder, save_swav_model
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
-    from self_supervised_swav.recipe import plot_run, use_line_progress
+    import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
+    from self_supervised_swav.recipe import plot_run, suggest_swav_settings, swav_opt_func, use_line_progress
     from self_supervised_swav.distributed import is_main_process, n_processes, swav_distrib_ctx
-    from self_supervised_swav.checks import SettingError, check_in_range, check_positive
+    from self_supervised_swav.checks import SettingError, check_choice, check_in_range, check_positive
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
 # %% auto #0
-__all__ = ['GRAY_STATS', 'RUN_FILES', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls',
-           'check_settings', 'TrainedEpochsCSV', 'RunStopped', 'swav_pretrain', 'cli_parser', 'main']
+__all__ = ['AUTO', 'GRAY_STATS', 'RUN_FILES', 'UsageError', 'image_files', 'folder_labels', 'folder_dls', 'embedded_dls',
+           'check_settings', 'resolve_auto', 'TrainedEpochsCSV', 'RunStopped', 'swav_pretrain', 'cli_parser', 'main']
 
 # %% ../nbs/06_cli.ipynb #c006
 class UsageError(ValueError):
@@ -149,22 +151,100 @@ def _swav(s: SimpleNamespace, augs, freeze: int = 0) -> SWAV:
     return SWAV(augs, crop_assgn_ids=[0, 1], K=s.K or None, queue_start_pct=s.queue_start_pct, temp=s.temp, eps=s.eps,
                 freeze_protos_iters=freeze)
 
+AUTO = dict(lr=float, n_protos=int, K=int, queue_start_pct=float, eps=float, freeze_protos_iters=int, wd=float,
+            warmup_epochs=int, final_lr=float)   # options that accept "auto" (`suggest_swav_settings` chooses for the data)
+
+def _number(name: str, v, kind: type):
+    "`v` as a `kind` number, or 'auto'; `UsageError` naming the option otherwise"
+    if v == "auto": return v
+    try:
+        n = kind(v) if not isinstance(v, bool) else None
+        if kind is int and float(v) != n: n = None
+    except (TypeError, ValueError): n = None
+    if n is None: raise UsageError(f"--{name} must be {'an int' if kind is int else 'a number'} or auto, got {v!r}")
+    return n
+
+def _numbers(s: SimpleNamespace):
+    "The options that accept auto, as numbers (or 'auto'), in place"
+    for name, kind in AUTO.items(): setattr(s, name, _number(name, getattr(s, name), kind))
+
+def _given(s: SimpleNamespace, name: str, placeholder):
+    "The option's value, or `placeholder` while it is still 'auto'"
+    v = getattr(s, name)
+    return placeholder if v == "auto" else v
+
 def check_settings(s: SimpleNamespace):
     "`UsageError` naming the option for settings that are wrong whatever the data: the library's checks on the flags' values"
+    _numbers(s)
     with _flags():
-        for name in ("epochs", "bs", "n_protos"): check_positive(name, getattr(s, name), integer=True)
+        for name in ("epochs", "bs"): check_positive(name, getattr(s, name), integer=True)
         for name in ("size", "max_images"):
             if getattr(s, name) is not None: check_positive(name, getattr(s, name), integer=True)
         if s.workers is not None: check_positive("workers", s.workers, integer=True, minimum=0)
-        check_positive("lr", s.lr)
-        check_positive("K", s.K, integer=True, minimum=0)
+        for name in ("n_protos", "freeze_protos_iters", "K", "warmup_epochs"):
+            if getattr(s, name) != "auto": check_positive(name, getattr(s, name), integer=True, minimum=None if name == "n_protos" else 0)
+        for name in ("lr", "final_lr"):
+            if getattr(s, name) != "auto": check_positive(name, getattr(s, name))
+        if s.wd != "auto": check_positive("wd", s.wd, minimum=0)
         check_positive("jitter_s", s.jitter_s, minimum=0)
         check_in_range("valid_pct", s.valid_pct, open_lo=True, open_hi=True)
-        _swav(s, _augs(s))   # crops, scales, recipe, flip_p (the pipelines'); eps, temp, queue_start_pct (SWAV's)
+        check_choice("opt", s.opt, ["adam", "sgd", "lars"])
+        check_choice("schedule", s.schedule, ["one_cycle", "warmup_cosine"])
+        swav_opt_func(s.opt, s.momentum, _given(s, "wd", None))   # momentum
+        checked = SimpleNamespace(**{**vars(s), "K": _given(s, "K", 0), "eps": _given(s, "eps", 0.05), "queue_start_pct": _given(s, "queue_start_pct", 0.25)})
+        _swav(checked, _augs(s))   # crops, scales, recipe, flip_p (the pipelines'); eps, temp, queue_start_pct (SWAV's)
+    if s.warmup_epochs != "auto" and s.warmup_epochs >= s.epochs:
+        raise UsageError(f"--warmup_epochs {s.warmup_epochs} must be below --epochs {s.epochs}: the cosine part of the schedule needs epochs too")
     if s.num_crops[0] < 2: raise UsageError(f"the first crop size needs at least 2 crops (their codes are swapped), got --num_crops {list(s.num_crops)}")
     if s.size is not None and max(s.crop_sizes) > s.size:
         raise UsageError(f"crop size {max(s.crop_sizes)} px is larger than the images (--size {s.size}): pass smaller --crop_sizes or a larger --size")
-    if s.fp16 and not torch.cuda.is_available(): raise UsageError("--fp16 needs a CUDA GPU, and none is available")
+    for flag in ("fp16", "bf16"):
+        if getattr(s, flag) and not torch.cuda.is_available(): raise UsageError(f"--{flag} needs a CUDA GPU, and none is available")
+    if s.fp16 and s.bf16: raise UsageError("--fp16 and --bf16 exclude each other: pass one of them")
+    for flag, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if getattr(s, flag) and importlib.util.find_spec(module) is None:
+            raise UsageError(f"--{flag} needs the {module} package, which is not installed: pip install {module}")
+
+def resolve_auto(
+    s: SimpleNamespace,             # Settings, with 'auto' for the options `suggest_swav_settings` should choose
+    n_train: int,                   # Training images
+    n_classes: int | None = None,   # Classes, when the data has labels
+) -> dict[str, str]:
+    "Replace each 'auto' of `s` by the value suggested for the data; {option: why} for the ones chosen"
+    auto = [name for name in AUTO if getattr(s, name) == "auto"]
+    if not auto: return {}
+    with _flags(): suggested = suggest_swav_settings(n_train, s.bs * n_processes(), s.epochs, n_classes, s.opt)
+    for name in auto: setattr(s, name, suggested[name][0])
+    if s.warmup_epochs >= s.epochs: s.warmup_epochs = 0
+    return {name: suggested[name][1] for name in auto}
+
+def _config(s: SimpleNamespace) -> SimpleNamespace:
+    "`s` with the settings of `--config` for every option not given (left at its default) here"
+    if not s.config: return s
+    try: cfg = json.loads(Path(s.config).read_text())
+    except (OSError, json.JSONDecodeError) as e: raise UsageError(f"--config {s.config!r} is not a readable JSON file: {e}") from None
+    if not isinstance(cfg, dict): raise UsageError(f"--config {s.config!r} must hold a JSON object of settings, got {type(cfg).__name__}")
+    defaults, hints = _defaults(), get_type_hints(swav_pretrain)
+    unknown = sorted(k for k in cfg if k not in defaults and k not in _RUN_KEYS)
+    if unknown: raise UsageError(f"--config {s.config!r}: unknown settings {unknown}; valid ones are the options of swav_pretrain --help")
+    for k, v in cfg.items():
+        if k in _RUN_KEYS or k in ("config", "resume", "overwrite"): continue
+        if not _fits(v, hints[k], defaults[k]): raise UsageError(f"--config {s.config!r}: {k} must be {_kind(hints[k])}, got {v!r}")
+        if getattr(s, k) == defaults[k]: setattr(s, k, v)
+    return s
+
+_RUN_KEYS = ("world_size", "knn_top1_random", "auto")   # what settings.json records besides the options
+
+def _kind(hint) -> str: return {bool: "true or false", int: "an int", float: "a number", str: "a string"}.get(hint, "a list" if get_origin(hint) is list else str(hint))
+
+def _fits(v, hint, default) -> bool:
+    "`v` is a valid JSON value for an option of type `hint`"
+    if v is None: return default is None or hint is str
+    if get_origin(hint) is list: return isinstance(v, list)
+    if hint is bool: return isinstance(v, bool)
+    if hint is str: return isinstance(v, (str, int, float)) and not isinstance(v, bool)   # "auto" options take numbers too
+    if hint in (int, float): return isinstance(v, (int, float)) and not isinstance(v, bool) and (hint is float or float(v).is_integer())
+    return True
 
 # %% ../nbs/06_cli.ipynb #c021
 GRAY_STATS = ([sum(imagenet_stats[0]) / 3], [sum(imagenet_stats[1]) / 3])   # ImageNet statistics, averaged over channels
@@ -193,12 +273,16 @@ def _load_data(s: SimpleNamespace) -> tuple[DataLoaders, bool, str]:
     return dls, labels is not None, f"folder {str(s.path)!r}, {what}, resized to {size} px"
 
 def _check_data(s: SimpleNamespace, dls: DataLoaders):
+    "The queue no longer than the training set (per process)"
+    with _flags():
+        if s.K: check_queue_length(s.K, len(dls.train.dataset), n_processes())
+
+def _check_batch(s: SimpleNamespace, dls: DataLoaders):
+    "A batch no larger than the training set"
     n_train = len(dls.train.dataset)
     if s.bs > n_train:
         raise UsageError(f"--bs {s.bs} is larger than the {n_train} training images (the training set drops its last "
                          f"partial batch, so nothing would be trained): pass --bs {max(1, n_train // 2)} or less")
-    with _flags():
-        if s.K: check_queue_length(s.K, n_train)
 
 def _knn(encoder, dls, tfm) -> float | None:
     if len(dls.valid.dataset) == 0: return None
@@ -240,8 +324,12 @@ def _arch_kwargs(s: SimpleNamespace) -> dict:
 
 def _encoder(s: SimpleNamespace, n_in: int):
     "The randomly initialised encoder of `--arch` (with `--arch_kwargs`), checked against the crop sizes"
-    try: encoder = create_encoder(s.arch, pretrained=False, n_in=n_in, **_arch_kwargs(s))
+    try: encoder = create_encoder(s.arch, pretrained=s.pretrained, n_in=n_in, **_arch_kwargs(s))
     except (ValueError, TypeError) as e: raise UsageError(f"--arch: {e}") from None
+    except Exception as e:   # downloading pretrained weights: no network, no cache, a hub error...
+        if not s.pretrained: raise
+        raise UsageError(f"--pretrained: cannot get the pretrained weights of {s.arch} ({type(e).__name__}: {_first_line(e)[:160]}): "
+                         "drop --pretrained, or run once where the weights can be downloaded (they are cached)") from None
     try: check_encoder_input_size(encoder, sorted(set(s.crop_sizes)), n_in, name=s.arch)
     except ValueError as e: raise UsageError(f"--crop_sizes: {e}") from None
     return encoder
@@ -250,9 +338,20 @@ def _build(s: SimpleNamespace, n_in: int) -> tuple:
     "(encoder, DataLoaders, labelled, description, augmentation pipelines) for the settings"
     encoder = _encoder(s, n_in)
     dls, labelled, what = _load_data(s)
+    _check_batch(s, dls)
+    s.auto = resolve_auto(s, len(dls.train.dataset), _n_classes(dls) if labelled else None)
+    check_settings(s)   # again, with the values chosen for the data
     _check_data(s, dls)
     augs = _augs(s, stats=GRAY_STATS if n_in == 1 else imagenet_stats)
     return encoder, dls, labelled, what, augs
+
+def _n_classes(dls) -> int | None:
+    "Number of classes of labelled DataLoaders (fastai's vocab, or the distinct targets of a tensor dataset)"
+    vocab = getattr(dls, "vocab", None)
+    if vocab is not None: return len(vocab)
+    ds = dls.train.dataset
+    t = getattr(ds, "tensors", None) or getattr(ds, "y", None)
+    return len(torch.unique(t[1] if isinstance(t, (tuple, list)) else t)) if t is not None else None
 
 def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int, out: Path, settings: dict) -> Learner:
     "The pretraining `Learner`: SWAV, the prototype-usage and (with labels) kNN monitors, the CSV log and the checkpoint"
@@ -260,9 +359,26 @@ def _learner(s: SimpleNamespace, encoder, dls, labelled: bool, augs, freeze: int
            RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if labelled and len(dls.valid.dataset):   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(_subset_dl(dls.train, 5000, 1), _subset_dl(dls.valid, 1000, 1), recalibrate_bn=True))
-    learn = Learner(dls, create_swav_model(encoder, n_protos=s.n_protos), cbs=cbs, path=out)
+    cbs += _loggers(s, out)
+    with _flags(): learn = Learner(dls, create_swav_model(encoder, n_protos=s.n_protos), cbs=cbs, path=out,
+                                   opt_func=swav_opt_func(s.opt, s.momentum, s.wd))
     use_line_progress(learn)   # one plain line per epoch when the output is a log file, fastai's bars in a terminal
-    return learn.to_fp16() if s.fp16 else learn
+    if s.channels_last: learn.to_channelslast(use_amp=False)
+    return learn.to_fp16() if s.fp16 else learn.to_bf16() if s.bf16 else learn
+
+def _loggers(s: SimpleNamespace, out: Path) -> list:
+    "fastai's TensorBoard and Weights & Biases callbacks, when asked for (their packages are checked in `check_settings`)"
+    cbs = []
+    if s.tensorboard:
+        from fastai.callback.tensorboard import TensorBoardCallback
+        cbs.append(TensorBoardCallback(log_dir=out / "tensorboard", trace_model=False, log_preds=False))
+    if s.wandb:
+        import os, wandb
+        from fastai.callback.wandb import WandbCallback
+        os.environ.setdefault("WANDB_MODE", "offline")
+        if wandb.run is None: wandb.init(project="swav_pretrain", dir=str(out), config={k: str(v) for k, v in vars(s).items()})
+        cbs.append(WandbCallback(log_preds=False, log_model=False))
+    return cbs
 
 # ---- the output folder, resuming
 RUN_FILES = dict(checkpoint="checkpoint.pth", settings="settings.json", results="swav_pretrain.json", encoder="encoder.pth",
@@ -270,7 +386,7 @@ RUN_FILES = dict(checkpoint="checkpoint.pth", settings="settings.json", results=
 # settings that make another run: a resume must not change them
 _SAME_RUN = ("path", "arch", "arch_kwargs", "num_crops", "crop_sizes", "min_scales", "max_scales", "size", "bs", "lr", "n_protos",
              "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "valid_pct", "gray", "rgb",
-             "max_images", "seed", "fp16")
+             "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last")
 
 class RunStopped(Exception):
     "The run stopped before its end (a signal or an error during training); `code` is the exit status"
@@ -326,9 +442,11 @@ def _image_error(e: BaseException) -> str | None:
     return msg if msg.startswith("cannot read image") else None
 
 def _fit(learn: Learner, s: SimpleNamespace, start_epoch: int, out: Path, save):
-    "`fit_one_cycle` from `start_epoch`, stopping cleanly on SIGTERM/Ctrl-C and on errors (the latest weights saved first)"
+    "`fit_one_cycle` (or the official warm-up + cosine) from `start_epoch`, stopping cleanly on SIGTERM/Ctrl-C and on errors (the latest weights saved first)"
     try:
-        with stop_on_signals(), swav_distrib_ctx(learn): learn.fit_one_cycle(s.epochs, s.lr, start_epoch=start_epoch)
+        with stop_on_signals(), swav_distrib_ctx(learn):
+            if s.schedule == "warmup_cosine": learn.fit_warmup_cosine(s.epochs, s.lr, s.final_lr, s.warmup_epochs, start_epoch=start_epoch)
+            else: learn.fit_one_cycle(s.epochs, s.lr, start_epoch=start_epoch)
     except Interrupted as e:
         save()
         raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
@@ -354,6 +472,7 @@ def _run(s: SimpleNamespace) -> dict:
     "The job of `swav_pretrain`, raising `UsageError` for mistakes and `RunStopped` when training stops early"
     start = time.time()
     ckpt = None
+    s = _config(s)
     if s.resume: s, ckpt = _resume_settings(s)
     check_settings(s)
     set_seed(s.seed)
@@ -363,12 +482,13 @@ def _run(s: SimpleNamespace) -> dict:
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise UsageError(f"cannot create --output {str(out)!r}: {e}") from None
     tfm, n_train, n_valid = pipeline_normalization(augs), len(dls.train.dataset), len(dls.valid.dataset)
-    freeze = s.freeze_protos_iters if s.freeze_protos_iters is not None else len(dls.train)
+    freeze = s.freeze_protos_iters
     crops = " + ".join(f"{n}x{c}px" for n, c in zip(s.num_crops, s.crop_sizes))
     _say(f"data: {what}; {n_train} training and {n_valid} validation images, {n_in} channel{'s' if n_in > 1 else ''}")
     _say(f"model: {s.arch} (random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters), "
          f"{s.n_protos} prototypes, crops {crops}, {'queue of ' + str(s.K) if s.K else 'no queue'}, "
-         f"prototypes frozen for {freeze} iterations")
+         f"prototypes frozen for {freeze} iterations, {s.opt} at lr {s.lr:g} ({s.schedule})")
+    for name, why in s.auto.items(): _say(f"  {name} = {getattr(s, name)} (auto: {why})")
     if ckpt is None:
         knn_random = _knn(encoder, dls, tfm) if labelled else None
         if labelled: _say(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
@@ -425,15 +545,21 @@ def swav_pretrain(
     min_scales: list[float] = (0.6, 0.35), # Smallest crop area (fraction of the image), per size
     max_scales: list[float] = (1.0, 0.6),  # Largest crop area (fraction of the image), per size
     size: int = None,               # Images are resized to size x size px; default: the largest crop size
-    epochs: int = 6,                # Training epochs (one-cycle schedule)
-    bs: int = 64,                   # Batch size
-    lr: float = 1e-3,               # Peak learning rate
-    n_protos: int = 20,             # Number of prototypes: a few times the number of classes you expect, below --bs without a queue
-    K: int = 0,                     # Queue length per assignment crop; 0: no queue
-    queue_start_pct: float = 0.25,  # Fraction of training after which the queue starts filling
-    eps: float = 0.05,              # Sinkhorn epsilon
+    epochs: int = 6,                # Training epochs
+    bs: int = 64,                   # Batch size (per process)
+    lr: str = "auto",               # Peak learning rate; auto: scaled with the global batch for --opt (suggest_swav_settings)
+    n_protos: str = "auto",         # Number of prototypes; auto: about 10 per class, fewer for small data and batches
+    K: str = "auto",                # Queue length per assignment crop (per process); 0: no queue; auto: a queue only for long runs with small batches
+    queue_start_pct: str = "auto",  # Fraction of training after which the queue starts filling; auto: after 15 epochs
+    eps: str = "auto",              # Sinkhorn epsilon; auto: 0.05 (official)
     temp: float = 0.1,              # Softmax temperature of the swapped prediction
-    freeze_protos_iters: int = None, # Iterations with frozen prototypes; default: one epoch
+    freeze_protos_iters: str = "auto", # Iterations with frozen prototypes; auto: one epoch (official 313 = one ImageNet epoch at batch 4096)
+    opt: str = "adam",              # Optimiser: adam, sgd, or lars (official: SGD with LARC, biases and norms excluded)
+    wd: str = "auto",               # Weight decay on weights only; auto: 1e-6 for sgd/lars (official), 0.01 for adam
+    momentum: float = 0.9,          # SGD momentum, or Adam's beta1
+    schedule: str = "one_cycle",    # Learning-rate schedule: one_cycle (fastai) or warmup_cosine (official: linear warm-up, then cosine)
+    warmup_epochs: str = "auto",    # Warm-up epochs of warmup_cosine; auto: 10 for global batches of 1024 or more (official), else 0
+    final_lr: str = "auto",         # Last learning rate of warmup_cosine; auto: lr / 1000 (official)
     recipe: str = "swav",           # Augmentation recipe: "swav" (paper) or "fastai" (original library)
     jitter_s: float = 0.5,          # Colour jitter strength s (brightness, contrast, saturation 0.8*s, hue 0.2*s)
     flip_p: float = 0.0,            # Probability of a horizontal flip: 0 for the digits (flipping changes them), 0.5 for most photos
@@ -444,7 +570,13 @@ def swav_pretrain(
     workers: int = None,            # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
     output: str = "swav_output",    # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42,                 # Random seed (split, initialisation, augmentations)
-    fp16: bool = False,             # Mixed precision training (needs a CUDA GPU)
+    fp16: bool = False,             # Mixed precision training in float16 (needs a CUDA GPU)
+    bf16: bool = False,             # Mixed precision training in bfloat16 (needs a CUDA GPU)
+    channels_last: bool = False,    # Channels-last memory format (faster convolutions on recent GPUs)
+    pretrained: bool = False,       # Start from timm's / fastai's pretrained weights (downloads them)
+    tensorboard: bool = False,      # Log to OUTPUT/tensorboard with fastai's TensorBoardCallback (needs the tensorboard package)
+    wandb: bool = False,            # Log to Weights & Biases, offline, with fastai's WandbCallback (needs the wandb package)
+    config: str = None,             # JSON file of settings named as these options (e.g. a run's settings.json); options given here override it
     arch_kwargs: str = None,        # More options of the architecture, as JSON (timm's, e.g. '{"drop_path_rate": 0.1}')
     resume: str = None,             # Continue the interrupted run in this folder (its settings; options that change the run are refused)
     overwrite: bool = False,        # Replace the run that --output holds
@@ -462,8 +594,17 @@ def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]
     if hint is bool: return flags, dict(action="store_true", help=help)
     kw = dict(default=list(default) if isinstance(default, tuple) else default, help=help)
     if get_origin(hint) is list: return flags, dict(kw, type=get_args(hint)[0], nargs="+")
+    if name in AUTO: return flags, dict(kw, type=_auto_arg(name, AUTO[name]))
     args = [a for a in get_args(hint) if a is not type(None)]   # `int | None` and the like
     return flags, dict(kw, type=args[0] if args else hint)
+
+def _auto_arg(name: str, kind: type):
+    "An argparse type: a `kind` number or 'auto' (argparse names it in its error: 'invalid int or auto value')"
+    def parse(v: str):
+        try: return _number(name, v, kind)
+        except UsageError: raise ValueError(v) from None
+    parse.__name__ = f"{kind.__name__} or auto"
+    return parse
 
 def cli_parser(func=None) -> argparse.ArgumentParser:
     "An `argparse` parser with one option per parameter of `func` (default: `swav_pretrain`), documented by its comments"
