@@ -157,3 +157,34 @@ def test_help_lists_the_options(monkeypatch, capsys):
     for opt in ["--path", "--arch", "--num_crops", "--crop_sizes", "--min_scales", "--max_scales", "--epochs", "--bs", "--lr",
                 "--n_protos", "--K", "--queue_start_pct", "--eps", "--temp", "--output", "--seed", "--fp16"]:
         assert opt in out
+
+
+def test_recipe_options_and_config(tmp_path):
+    "LARS with the official warm-up + cosine trains; settings.json as --config reruns the same run; config mistakes are one line"
+    out = tmp_path / "lars"
+    res = swav_pretrain(max_images=160, bs=32, output=str(out), opt="lars", schedule="warmup_cosine", epochs=2, warmup_epochs=1,
+                        **{k: v for k, v in TINY.items() if k != "epochs"})
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["opt"] == "lars" and settings["lr"] == res["settings"]["lr"] > 0 and "lr" in settings["auto"]
+    assert all(torch.isfinite(torch.tensor(e["train_loss"])) for e in res["epochs"])
+    again = swav_pretrain(config=str(out / "settings.json"), output=str(tmp_path / "again"))
+    assert again["epochs"] == res["epochs"]                          # the same run, to the last digit
+    bad = tmp_path / "bad.json"
+    for cfg, msg in [({"n_protoss": 3}, "unknown settings ['n_protoss']"), ({"bs": "many"}, "bs must be an int"),
+                     ({"gray": 1}, "gray must be true or false")]:
+        bad.write_text(json.dumps(cfg))
+        with pytest.raises(UsageError, match=msg.replace("[", r"\[").replace("]", r"\]")): swav_pretrain(config=str(bad), output=str(tmp_path / "x"))
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not a readable JSON file"): swav_pretrain(config=str(bad), output=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_any_encoder_at_any_crop_size(tmp_path):
+    "A ViT trains on 16/8 px crops (dynamic image size); an encoder that cannot take a crop size fails before training, naming the smallest"
+    res = swav_pretrain(arch="vit_tiny_patch16_224", arch_kwargs='{"patch_size": 8}', max_images=64, bs=16, output=str(tmp_path / "vit"),
+                        **TINY)
+    assert res["settings"]["arch_kwargs"] == '{"patch_size": 8}'
+    with pytest.raises(UsageError, match="--crop_sizes: .*smallest crop size it accepts is 32 px"):
+        swav_pretrain(arch="convnext_atto", max_images=64, bs=16, output=str(tmp_path / "cnx"), **TINY)
+    with pytest.raises(UsageError, match="--arch_kwargs must be a JSON object"): swav_pretrain(arch_kwargs="{drop", output=str(tmp_path / "y"))
+    with pytest.raises(UsageError, match="--arch: .*does not take the option"): swav_pretrain(arch_kwargs='{"colour": 1}', output=str(tmp_path / "y"))
