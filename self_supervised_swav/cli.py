@@ -462,6 +462,11 @@ def _first_line(e: BaseException) -> str:
     if lines and lines[0].startswith("Exception occured in"): lines = lines[1:]
     return lines[0] if lines else ""
 
+def _in_use(s: SimpleNamespace, name: str) -> bool:
+    "The option matters for this run (the warm-up options only for warmup_cosine, the queue start only with a queue)"
+    if name in ("warmup_epochs", "final_lr"): return s.schedule == "warmup_cosine"
+    return name != "queue_start_pct" or bool(s.K)
+
 def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm._BatchNorm) for l in m.modules())
 
 def _say(*args):
@@ -488,7 +493,8 @@ def _run(s: SimpleNamespace) -> dict:
     _say(f"model: {s.arch} (random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters), "
          f"{s.n_protos} prototypes, crops {crops}, {'queue of ' + str(s.K) if s.K else 'no queue'}, "
          f"prototypes frozen for {freeze} iterations, {s.opt} at lr {s.lr:g} ({s.schedule})")
-    for name, why in s.auto.items(): _say(f"  {name} = {getattr(s, name)} (auto: {why})")
+    for name, why in s.auto.items():
+        if _in_use(s, name): _say(f"  {name} = {getattr(s, name)} (auto: {why})")
     if ckpt is None:
         knn_random = _knn(encoder, dls, tfm) if labelled else None
         if labelled: _say(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn_random)}")
