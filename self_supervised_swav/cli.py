@@ -177,7 +177,8 @@ def check_settings(s: SimpleNamespace):
     "`UsageError` naming the option for settings that are wrong whatever the data: the library's checks on the flags' values"
     _numbers(s)
     with _flags():
-        for name in ("epochs", "bs"): check_positive(name, getattr(s, name), integer=True)
+        check_positive("epochs", s.epochs, integer=True)
+        check_positive("bs", s.bs, integer=True, minimum=2)   # SwAV's codes share a batch among prototypes; BatchNorm needs 2 images
         for name in ("size", "max_images"):
             if getattr(s, name) is not None: check_positive(name, getattr(s, name), integer=True)
         if s.workers is not None: check_positive("workers", s.workers, integer=True, minimum=0)
@@ -282,7 +283,7 @@ def _check_batch(s: SimpleNamespace, dls: DataLoaders):
     n_train = len(dls.train.dataset)
     if s.bs > n_train:
         raise UsageError(f"--bs {s.bs} is larger than the {n_train} training images (the training set drops its last "
-                         f"partial batch, so nothing would be trained): pass --bs {max(1, n_train // 2)} or less")
+                         f"partial batch, so nothing would be trained): pass --bs {max(2, n_train // 2)} or less")
 
 def _knn(encoder, dls, tfm) -> float | None:
     if len(dls.valid.dataset) == 0: return None
