@@ -136,3 +136,10 @@ def test_fashion_mnist_settings(tmp_path):
     assert (a.bs, a.lr, a.epochs, a.K, a.threads) == (128, 2e-3, 3, 0, 1)
     fm.write_results(dict(x=1), str(tmp_path / "d" / "r.json"))
     assert json.loads((tmp_path / "d" / "r.json").read_text()) == dict(x=1)
+
+
+def test_run_overheads_script(run_main):
+    "bench_run_overheads --tiny: the folder's start-up and one checkpoint are measured and reported"
+    rows = dict(table_rows(run_main("bench_run_overheads.py", lightly_rows=False)))
+    assert rows["files"] == "200" and float(rows["one checkpoint (s)"]) > 0 and float(rows["checkpoint size (MiB)"]) > 1
+    assert 0 < float(rows["checkpoint / epoch"]) < 1
