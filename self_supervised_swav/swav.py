@@ -448,8 +448,16 @@ def show_dl_prototypes(
     res = assign_prototypes(_OneCrop(model), images, tfm=pipeline_normalization(augs))
     return show_prototypes(res, images, n_rows=n_rows, n_images=n_images, **kwargs)
 
-
 # %% ../nbs/02_swav.ipynb #c034
+def _check_fit(model: nn.Module, augs: MultiCrop, crop_assgn_ids, K: int | None, dl) -> list[int]:
+    "Checks of a fit that need the model and the data (the pipelines may have changed since `SWAV` was built); the crop ids"
+    ids = _check_crop_assgn_ids(crop_assgn_ids, len(augs))
+    _check_batch_size(_local_bs(dl)); _check_encoder_sizes(model, augs.crop_sizes)
+    if K is not None: check_queue_length(K, len(dl.dataset))
+    else: _warn_few_images(_global_bs(dl), model.prototypes.out_features)
+    _warn_short_queue(K, _global_bs(dl)); _warn_small_assignment_crops(augs.crop_sizes, ids)
+    return ids
+
 class SWAV(Callback):
     "SwAV self-supervised pretraining: multi-crop views, Sinkhorn codes, swapped prediction and a queue"
     order, run_valid = 9, True   # before MixedPrecision (10): crops made in fp32, prototype grads cancelled before its step
@@ -505,10 +513,7 @@ class SWAV(Callback):
     # ---- events
     def after_create(self):
         if isinstance(getattr(self.swav_model, "prototypes", None), nn.Linear): self._attach_state()
-    def before_fit(self):
-        self._attach_state()
-        if not _predicting(self.learn): self._check_fit()   # get_preds: no training checks
-        self._swap_loss_func()
+    def before_fit(self): self._attach_state(); self._prepare_fit(); self._swap_loss_func()
     def before_validate(self):
         if _predicting(self.learn): _check_gathering(_gathering(self.learn))
     def after_epoch(self): self.swav_model.queue.gather_ranks()
@@ -530,14 +535,11 @@ class SWAV(Callback):
             self.learn.add_cb(ResumeRandomState())
             self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
 
-    def _check_fit(self):
-        "Checks that need the model and the data (pipelines may have been replaced since construction); the queue shaped for the run"
+    def _prepare_fit(self):
+        "The checks of a training fit and the queue shaped for it (get_preds needs neither)"
+        if _predicting(self.learn): return
         m = self.swav_model
-        self.crop_assgn_ids = _check_crop_assgn_ids(self.crop_assgn_ids, len(self.augs))
-        _check_batch_size(_local_bs(self.dls.train)); _check_encoder_sizes(m, self.augs.crop_sizes)
-        if self.K is not None: check_queue_length(self.K, len(self.dls.train.dataset))
-        else: _warn_few_images(_global_bs(self.dls.train), m.prototypes.out_features)
-        _warn_short_queue(self.K, _global_bs(self.dls.train)); _warn_small_assignment_crops(self.augs.crop_sizes, self.crop_assgn_ids)
+        self.crop_assgn_ids = _check_fit(m, self.augs, self.crop_assgn_ids, self.K, self.dls.train)
         m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
         if self.print_augs: print(*self.augs, sep="\n")
 

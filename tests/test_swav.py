@@ -252,22 +252,22 @@ def test_no_queue(tiny_dls, monkeypatch):
     assert all(q is None for q, *_ in calls) and learn.swav.queue is None
 
 
-def test_queue_saved_and_loaded(tiny_dls, tmp_path):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
+def fit_save_and_load(dls, path, K_loaded: int):
+    "(a learner fitted for 1 epoch with a queue of 64, saved as 'ckpt'; a new learner with a queue of `K_loaded` that loaded it)"
+    learn = make_learn(dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=path)
     learn.fit(1)
     learn.save("ckpt")
-    fresh = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
-    fresh.load("ckpt")
+    return learn, make_learn(dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=K_loaded, queue_start_pct=0.0), path=path).load("ckpt")
+
+
+def test_queue_saved_and_loaded(tiny_dls, tmp_path):
+    learn, fresh = fit_save_and_load(tiny_dls, tmp_path, 64)
     torch.testing.assert_close(fresh.model.queue.embeddings, learn.model.queue.embeddings)
     assert fresh.swav.queue_len == int(fresh.model.queue.filled) == 64 and int(fresh.model.swav_iters) == 5
 
 
 def test_loaded_queue_of_other_shape_is_a_clear_error(tiny_dls, tmp_path):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=tmp_path)
-    learn.fit(1)
-    learn.save("ckpt")
-    other = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=96, queue_start_pct=0.0), path=tmp_path)
-    other.load("ckpt")
+    learn, other = fit_save_and_load(tiny_dls, tmp_path, 96)
     with pytest.raises(ValueError, match="reset_queue"): other.fit(1)
     other.swav.reset_queue()
     assert other.swav.queue.shape == (2, 96, 16) and other.swav.queue_len == 0
