@@ -520,9 +520,18 @@ def _run(s: SimpleNamespace) -> dict:
                    epochs=_log(out / RUN_FILES["history"]), seconds=round(time.time() - start, 1))
     if is_main_process():
         plots = plot_run(out / RUN_FILES["history"] if ckpt is not None else learn, out, s.n_protos, knn_random)   # a resumed fit's recorder lacks the first epochs
+        plots.append(_crops_png(learn, out))
         (out / RUN_FILES["results"]).write_text(json.dumps(results, indent=1, default=str))
         _summary(s, out, results, plots)
     return results
+
+def _crops_png(learn: Learner, out: Path) -> Path:
+    "A grid of training images and their crops (`learn.swav.show`), as crops.png"
+    import matplotlib.pyplot as plt
+    fig = learn.swav.show(n=4)
+    fig.savefig(out / "crops.png", dpi=80)
+    plt.close(fig)
+    return out / "crops.png"
 
 def _save_models(learn: Learner, out: Path, meta: dict):
     "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
