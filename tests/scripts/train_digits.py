@@ -8,6 +8,7 @@ codes without the queue, which is empty at the first step of a fresh run),
 its queue at the end (`queue_rank{r}.pt`) and at the start of the fit (`start_queue_rank{r}.pt`); rank 0 saves the
 checkpoints `DIR/models/swav_{epoch}.pth` (fastai's `SaveModelCallback`, from rank 0 only).
 """
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -19,7 +20,6 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds `Learner.
 from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import Learner
 from fastai.torch_core import get_model, rank_distrib
-from fastcore.script import call_parse
 
 from helpers import tiny_pipelines, tiny_swav_model
 from self_supervised_swav.data import digits_images, image_tensor_dls
@@ -45,16 +45,22 @@ class RecordRun(Callback):
         self.done = True
 
 
-@call_parse
-def main(
-    out: str = "swav_run",     # Folder of the records and checkpoints
-    epochs: int = 2,           # Total epochs of the run
-    bs: int = 8,               # Batch size per process
-    K: int = 8,                # Queue length per process
-    n: int = 96,               # Digits used (80 % train)
-    resume: str = "",          # Checkpoint to resume from, a path without `.pth` ('': start afresh)
-    start_epoch: int = 0,      # First epoch to fit (after the resumed checkpoint's)
-):
+def parse_args(argv=None) -> argparse.Namespace:
+    "The script's options (argparse: fastcore's `call_parse` spells them with hyphens since fastcore 2)"
+    p = argparse.ArgumentParser(description="A user's SwAV pretraining script on digits")
+    p.add_argument("--out", default="swav_run", help="folder of the records and checkpoints")
+    p.add_argument("--epochs", type=int, default=2, help="total epochs of the run")
+    p.add_argument("--bs", type=int, default=8, help="batch size per process")
+    p.add_argument("--K", type=int, default=8, help="queue length per process")
+    p.add_argument("--n", type=int, default=96, help="digits used (80 %% train)")
+    p.add_argument("--resume", default="", help="checkpoint to resume from, a path without .pth ('': start afresh)")
+    p.add_argument("--start_epoch", type=int, default=0, help="first epoch to fit (after the resumed checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out, epochs, bs, K, n, resume, start_epoch = a.out, a.epochs, a.bs, a.K, a.n, a.resume, a.start_epoch
     torch.manual_seed(0)                                  # the same initial weights on every rank
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     x, y = digits_images(size=16)
@@ -67,3 +73,6 @@ def main(
         learn.fit_one_cycle(epochs, 1e-2, start_epoch=start_epoch, cbs=save)
     torch.save(get_model(learn.model).queue.embeddings, out / f"queue_rank{rank_distrib()}.pt")
     if is_main_process(): print(f"done: {n_processes()} processes, {epochs} epochs, rank 0 of {os.environ.get('WORLD_SIZE', 1)}")
+
+
+if __name__ == "__main__": main()
