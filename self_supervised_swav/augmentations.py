@@ -17,8 +17,8 @@ from fastai.vision.core import imagenet_stats
 from .checks import SettingError, check_in_range, check_pair, check_positive
 
 # %% auto #0
-__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'get_batch_augs', 'get_multi_aug_pipelines', 'assert_aug_pipelines',
-           'MultiCrop', 'show_crops']
+__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'get_batch_augs', 'assert_aug_pipelines', 'MultiCrop',
+           'get_multi_aug_pipelines', 'show_crops']
 
 # %% ../nbs/01_augmentations.ipynb #c006
 def _check_images(x: Tensor):
@@ -122,16 +122,6 @@ def get_batch_augs(
     return Pipeline(tfms + list(xtra_tfms or []), split_idx=0)
 
 # %% ../nbs/01_augmentations.ipynb #c022
-def get_multi_aug_pipelines(
-    n: int,      # Number of pipelines (crops)
-    size: int,   # Crop size for all of them
-    **kwargs,    # Passed to `get_batch_augs`
-) -> MultiCrop:
-    "`n` independent `get_batch_augs(size, **kwargs)` pipelines, as one `MultiCrop` group"
-    check_positive("n", n, integer=True)
-    pipes = [get_batch_augs(size, **kwargs) for _ in range(n)]
-    return MultiCrop(pipes, groups=None if kwargs.get("same_on_batch") else [n])
-
 def assert_aug_pipelines(
     aug_pipelines: Sequence[Pipeline], # The pipelines a self-supervised callback will use
 ):
@@ -198,6 +188,16 @@ class MultiCrop(list):
     def decode(self, crops: Sequence[Tensor]) -> list[Tensor]:
         "`crops` with each pipeline's normalisation undone, for display"
         return [p.decode(c) for p, c in zip(self, crops)]
+
+def get_multi_aug_pipelines(
+    n: int,      # Number of pipelines (crops)
+    size: int,   # Crop size for all of them
+    **kwargs,    # Passed to `get_batch_augs`
+) -> MultiCrop:
+    "`n` independent `get_batch_augs(size, **kwargs)` pipelines, as one `MultiCrop` group"
+    check_positive("n", n, integer=True)
+    pipes = [get_batch_augs(size, **kwargs) for _ in range(n)]
+    return MultiCrop(pipes, groups=None if kwargs.get("same_on_batch") else [n])
 
 def show_crops(
     x: Tensor,               # Images [n, C, H, W] in [0, 1]
