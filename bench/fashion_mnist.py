@@ -79,10 +79,20 @@ def build_encoder(args) -> torch.nn.Module:
     return encoder
 
 
+def apply_auto(args, n_train: int):
+    "The settings `swav_pretrain` chooses by default (`suggest_swav_settings`, 10 classes) instead of the hand-tuned ones"
+    from self_supervised_swav.recipe import suggest_swav_settings
+    suggested = suggest_swav_settings(n_train, args.bs, args.epochs, n_classes=10, opt="adam")
+    for name in ("n_protos", "K", "queue_start_pct", "freeze_protos_iters", "lr", "wd", "eps"): setattr(args, name, suggested[name][0])
+    args.auto_reasons = {name: suggested[name][1] for name in ("n_protos", "K", "freeze_protos_iters", "lr", "wd", "eps")}
+    print("auto settings:", {k: getattr(args, k) for k in args.auto_reasons}, flush=True)
+
+
 def main(args):
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_fashion_mnist()
     x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+    if args.auto: apply_auto(args, int(0.98 * len(x_train)))
     results = dict(command="python bench/fashion_mnist.py " + " ".join(args.argv), settings=vars(args) | dict(argv=None),
                    machine=dict(cpu_threads=torch.get_num_threads(), cpus=os.cpu_count(), platform=platform.platform(),
                                 torch=torch.__version__))
@@ -177,6 +187,7 @@ def parse(argv=None):
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--probe_epochs", type=int, default=20)
     p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
+    p.add_argument("--auto", action="store_true", help="the settings swav_pretrain chooses by default (suggest_swav_settings) instead of the tuned ones")
     p.add_argument("--save_encoder", default="", help="also write the pretrained encoder's weights to this file")
     p.add_argument("--out", default="bench/fashion_mnist.json")
     import sys
