@@ -188,3 +188,14 @@ def test_any_encoder_at_any_crop_size(tmp_path):
         swav_pretrain(arch="convnext_atto", max_images=64, bs=16, output=str(tmp_path / "cnx"), **TINY)
     with pytest.raises(UsageError, match="--arch_kwargs must be a JSON object"): swav_pretrain(arch_kwargs="{drop", output=str(tmp_path / "y"))
     with pytest.raises(UsageError, match="--arch: .*does not take the option"): swav_pretrain(arch_kwargs='{"colour": 1}', output=str(tmp_path / "y"))
+
+
+def test_pretrained_offline_is_one_line(tmp_path):
+    "--pretrained without a network (HF_HUB_OFFLINE: no download, no cache): exit 2 with one line naming --pretrained, no output folder"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([SCRIPT, "--pretrained", "--max_images", "100", "--output", str(tmp_path / "out")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("swav_pretrain: error: --pretrained: cannot get the pretrained weights of resnet10t") and "drop --pretrained" in last
+    assert not (tmp_path / "out").exists()
