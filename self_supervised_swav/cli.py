@@ -311,9 +311,8 @@ def _image_errors():
     "Turn `_open_image`'s error, raised in a DataLoader (worker), into a one-line `UsageError`"
     try: yield
     except OSError as e:
-        msg = str(e).strip().splitlines()[-1].removeprefix("OSError: ")
-        if not msg.startswith("cannot read image"): raise
-        raise UsageError(msg) from None
+        if _image_error(e) is None: raise
+        raise UsageError(_image_error(e)) from None
 
 def _arch_kwargs(s: SimpleNamespace) -> dict:
     "`--arch_kwargs` (JSON) as a dict"
