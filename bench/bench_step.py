@@ -1,8 +1,8 @@
-"""Full SwAV training step: this project (fastai `Learner` + `SWAV` callback) against lightly and a floor.
+"""Full SwAV training step: this project (fastai `Learner` + `SWAV` callback) against the original library, lightly and a floor.
 
 A step is everything one batch costs: fetching it, making all crops (augmentation), the forward pass of every crop,
-Sinkhorn codes, the swapped-prediction loss, backward and the optimiser step. Three contenders (`contenders.py`:
-`project`, `lightly`, `floor`) train the same encoder (timm `resnet18`, no pretrained weights) on the same images with
+Sinkhorn codes, the swapped-prediction loss, backward and the optimiser step. Four contenders (`contenders.py`:
+`project`, `original`, `lightly`, `floor`) train the same encoder (timm `resnet18`, no pretrained weights) on the same images with
 the same optimiser (SGD, momentum 0.9) and crops.
 
 Each contender runs `--warmup + --steps` steps per round; rounds are interleaved, the order of the contenders rotating
@@ -59,7 +59,7 @@ def bench_speed(a: argparse.Namespace) -> list[dict]:
         for name, rounds in times.items():
             ts = H.flat(rounds)
             ms = H.median_ms(ts)
-            ratios = {f"time_vs_{ref}": H.paired_ratio(rounds, times[ref]) for ref in ("lightly", "floor") if ref in times}
+            ratios = {f"time_vs_{ref}": H.paired_ratio(rounds, times[ref]) for ref in ("original", "lightly", "floor") if ref in times}
             rows.append(dict(queue=queue, contender=name, step_ms=ms, img_per_s=1e3 * a.bs / ms, spread_pct=H.spread_pct(ts), **ratios))
     return rows
 
@@ -68,9 +68,10 @@ def report_speed(a: argparse.Namespace, rows: list[dict]):
     print(f"Full SwAV step: {describe(a)}")
     print("Ratios are medians over rounds of the ratio within each round (paired: load changes between rounds cancel).")
     def vs(r, ref, f): return f"{f(r[ref]):.2f}" if ref in r else "-"
-    H.print_table(["queue", "contender", "step ms", "images/s", "spread %", "throughput / lightly's", "step time / floor's"],
+    H.print_table(["queue", "contender", "step ms", "images/s", "spread %", "throughput / original's", "throughput / lightly's",
+                   "throughput / floor's"],
                   [[r["queue"] or "off", r["contender"], f"{r['step_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['spread_pct']:.0f}",
-                    vs(r, "time_vs_lightly", lambda x: 1 / x), vs(r, "time_vs_floor", lambda x: x)] for r in rows])
+                    *(vs(r, f"time_vs_{ref}", lambda x: 1 / x) for ref in ("original", "lightly", "floor"))] for r in rows])
 
 
 # ---- memory

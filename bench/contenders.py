@@ -3,6 +3,8 @@ images, the encoder, the crops' pipelines.
 
 * `Project`: `Learner(dls, create_swav_model(...), cbs=SWAV(get_swav_aug_pipelines(...), ...))`, `learn.fit`: uint8
   images, `IntToFloatTensor`, kornia batch augmentation in the callback, as a user runs it.
+* `Original`: the original fastai library `self_supervised` 1.0.4 (`create_timm_encoder`, its `create_swav_model` and
+  `SWAV` callback, its pipelines set to the official recipe), in the same `Learner` wiring. Skipped when not installed.
 * `Lightly`: lightly's `SwaVProjectionHead`, `SwaVPrototypes`, `SwaVLoss`, `MemoryBankModule` queues and its per-image
   `SwaVTransform` in `DataLoader` workers, wired as in lightly's `examples/pytorch/swav_queue.py` (one encoder call per
   crop). Skipped with a message when lightly is not installed.
@@ -86,6 +88,8 @@ def available(names: list[str]) -> list[str]:
     "`names` without lightly when it is not installed (said in the report)"
     if "lightly" in names and not lightly_available():
         print(LIGHTLY_MISSING); names = [n for n in names if n != "lightly"]
+    if "original" in names and not original_available():
+        print(ORIGINAL_MISSING); names = [n for n in names if n != "original"]
     return names
 
 
@@ -178,26 +182,32 @@ def _set_by_swav(*_):
     raise RuntimeError("SWAV should have replaced the loss function")
 
 
+def fastai_learner(a: argparse.Namespace, images: Tensor, model: nn.Module, swav_cb) -> tuple:
+    "(learner, step timer): `model` trained by the callback `swav_cb` on `images` (uint8, `IntToFloatTensor`), SGD"
+    from fastai.callback.progress import ProgressCallback  # noqa: F401  (adds Learner.no_bar)
+    from fastai.data.core import DataLoaders, TfmdDL
+    from fastai.data.transforms import IntToFloatTensor
+    from fastai.learner import Learner
+    from fastai.optimizer import OptimWrapper
+    dl = partial(TfmdDL, _ImageDataset(images), bs=a.bs, shuffle=True, drop_last=True, after_batch=[IntToFloatTensor()],
+                 device=a.device, num_workers=0)   # batches are slices of a uint8 tensor: workers would only add start-up time per fit
+    timer = _step_timer_cb(a.device)
+    cbs = [swav_cb, timer] + ([_channels_last_cb()] if a.channels_last else [])
+    learn = Learner(DataLoaders(dl(), dl(), device=a.device), model, loss_func=_set_by_swav, cbs=cbs,
+                    opt_func=partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9), lr=0.05)
+    learn.create_opt()   # now, not in the first fit (whose phases may be timed)
+    return learn, timer
+
+
 class Project:
     "The project as a user runs it: `Learner` + `SWAV`, `learn.fit(1)` for each round"
     def __init__(self, a: argparse.Namespace, images: Tensor, queue: int, name: str = "project"):
-        from fastai.callback.progress import ProgressCallback  # noqa: F401  (adds Learner.no_bar)
-        from fastai.data.core import DataLoaders, TfmdDL
-        from fastai.data.transforms import IntToFloatTensor
-        from fastai.learner import Learner
-        from fastai.optimizer import OptimWrapper
         from self_supervised_swav.swav import SWAV
         self.name, self.a = name, a
-        dl = partial(TfmdDL, _ImageDataset(images), bs=a.bs, shuffle=True, drop_last=True, after_batch=[IntToFloatTensor()],
-                     device=a.device, num_workers=0)   # batches are slices of a uint8 tensor: workers would only add start-up time per fit
         self.model = make_swav_model(a)
         if queue: fill_queue(self.model, queue, len(CROP_IDS))
-        self.timer = _step_timer_cb(a.device)
-        cbs = [SWAV(swav_augs(a), CROP_IDS, K=queue or None, queue_start_pct=0., freeze_protos_iters=0), self.timer]
-        if a.channels_last: cbs.append(_channels_last_cb())
-        self.learn = Learner(DataLoaders(dl(), dl(), device=a.device), self.model, loss_func=_set_by_swav, cbs=cbs,
-                             opt_func=partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9), lr=0.05)
-        self.learn.create_opt()   # now, not in the first fit (whose phases may be timed)
+        swav = SWAV(swav_augs(a), CROP_IDS, K=queue or None, queue_start_pct=0., freeze_protos_iters=0)
+        self.learn, self.timer = fastai_learner(a, images, self.model, swav)
 
     def run(self, n: int) -> list[float]:
         self.timer.n = n
@@ -303,4 +313,36 @@ class Floor:
         return laps.times
 
 
-CLASSES = dict(project=Project, lightly=Lightly, floor=Floor)
+# ---- contender: the original fastai library
+ORIGINAL_MISSING = "the original library is not installed: its rows skipped (pip install bench/wheels/self_supervised-1.0.4-py3-none-any.whl)"
+
+
+def original_available() -> bool: return importlib.util.find_spec("self_supervised") is not None
+
+
+def original_augs(a: argparse.Namespace) -> list:
+    "The original library's pipelines for the run's crops, set to the official recipe as far as its options go"
+    from self_supervised.vision.swav import get_swav_aug_pipelines
+    # its blur draws an integer sigma s in blur_s and uses a kernel of int(s / 4) * 2 + 1 px: (4, 12) gives the 3-5 px
+    # kernels the project's blur uses at these sizes (its default (4, 32) would blur with kernels up to 15 px)
+    return get_swav_aug_pipelines(num_crops=list(a.num_crops), crop_sizes=list(a.crop_sizes), min_scales=list(MIN_SCALES),
+                                  max_scales=list(MAX_SCALES), rotate=False, jitter_s=1.0, jitter_p=0.8, bw_p=0.2,
+                                  blur_p=0.5, blur_s=(4, 12), flip_p=0.5, cuda=a.device.type == "cuda")
+
+
+class Original:
+    "The original fastai `self_supervised` 1.0.4: its `create_swav_model`, `SWAV` callback and kornia/torchvision pipelines"
+    def __init__(self, a: argparse.Namespace, images: Tensor, queue: int, name: str = "original"):
+        from self_supervised.layers import PoolingType, create_timm_encoder   # its create_encoder breaks on fastai 2.8
+        from self_supervised.vision.swav import SWAV, create_swav_model
+        self.name, self.a = name, a
+        torch.manual_seed(a.seed)
+        encoder = create_timm_encoder(a.arch, pretrained=False, pool_type=PoolingType.Avg)
+        self.model = to_format(create_swav_model(encoder, hidden_size=a.hidden, projection_size=128, n_protos=a.n_protos).to(a.device), a)
+        swav = SWAV(original_augs(a), CROP_IDS, K=queue or None, queue_start_pct=0.)   # its queue starts full of random unit vectors
+        self.learn, self.timer = fastai_learner(a, images, self.model, swav)
+
+    run = Project.run
+
+
+CLASSES = dict(project=Project, original=Original, lightly=Lightly, floor=Floor)

@@ -63,8 +63,6 @@ BUDGET = 470                               # seconds for all parts: `make gpu-ch
 FM_ROOTS = [Path("/usr/share/datasets/fashion-mnist"), ROOT / "tmp" / "fashion-mnist"]   # Debian's, or carried
 FM_MISSING = ("Fashion-MNIST not found in {roots}: skipped (apt-get install -y dataset-fashion-mnist, or copy its four "
               ".gz files to tmp/fashion-mnist/ and carry that folder)")
-ORIGINAL_MISSING = ("original library (self_supervised 1.0.4): no `original` contender in bench/contenders.py yet "
-                    "(issue 14, Speed): its row is skipped; the wheel is in bench/wheels/")
 PACKAGES = ["torch", "torchvision", "fastai", "fastcore", "fasttransform", "kornia", "timm", "lightly", "self_supervised",
             "self_supervised_swav", "numpy", "scikit-learn"]
 
@@ -224,14 +222,12 @@ def lightly_problem() -> str | None:
 
 def step_contenders() -> tuple[list[str], list[str]]:
     "(contenders to run, messages about those left out): lightly where it imports, the original library where contenders.py has it"
-    from contenders import CLASSES
+    from contenders import ORIGINAL_MISSING, original_available
     names, notes = ["project", "floor"], []
     problem = lightly_problem()
     if problem: notes.append(problem)
     else: names.insert(1, "lightly")
-    if "original" in CLASSES:
-        if importlib.util.find_spec("self_supervised") is not None: names.insert(-1, "original")
-        else: notes.append("original library (self_supervised) is not installed: its row is skipped (bench/wheels/ has it)")
+    if original_available(): names.insert(-1, "original")
     else: notes.append(ORIGINAL_MISSING)
     for n in notes: print(n)
     return names, notes

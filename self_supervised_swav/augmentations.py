@@ -17,8 +17,8 @@ from fastai.vision.core import imagenet_stats
 from .checks import SettingError, check_in_range, check_pair, check_positive
 
 # %% auto #0
-__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'get_batch_augs', 'assert_aug_pipelines', 'MultiCrop',
-           'get_multi_aug_pipelines', 'show_crops']
+__all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'shift_hue', 'FastColorJitter', 'get_batch_augs',
+           'assert_aug_pipelines', 'resized_crops', 'crop_boxes', 'MultiCrop', 'get_multi_aug_pipelines', 'show_crops']
 
 # %% ../nbs/01_augmentations.ipynb #c006
 def _check_images(x: Tensor):
@@ -81,6 +81,27 @@ def paper_blur_sigma(size: int) -> tuple[float, float]:
     "The paper's blur sigma range (0.1-2.0 px at 224 px), scaled to a crop of `size` px"
     return (0.1 * size / 224, 2.0 * size / 224)
 
+# %% ../nbs/01_augmentations.ipynb #c013c
+def shift_hue(
+    x: Tensor,              # RGB images [B, 3, H, W] in [0, 1]
+    hue: Tensor | float,    # Hue shift in radians: a number, or one per image [B]
+) -> Tensor:
+    "`x` with its HSV hue rotated by `hue` radians, equal to kornia's `adjust_hue` without the trip through HSV"
+    if isinstance(hue, Tensor) and hue.ndim == 1: hue = hue.view(-1, 1, 1)
+    r, g, b = x.unbind(-3)
+    top, c = x.amax(-3), x.amax(-3) - x.amin(-3)
+    num = torch.where(top == r, g - b, torch.where(top == g, b - r, r - g))
+    offset = torch.where(top == r, 0., torch.where(top == g, 2., 4.)).to(x.dtype)
+    sixths = torch.remainder(num / torch.where(c > 0, c, 1.) + offset + hue * (3 / math.pi), 6).unsqueeze(-3)
+    k = torch.remainder(torch.tensor([5., 3., 1.], dtype=x.dtype, device=x.device).view(3, 1, 1) + sixths, 6)
+    return top.unsqueeze(-3) - c.unsqueeze(-3) * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+class FastColorJitter(korniatfm.ColorJitter):
+    "kornia's `ColorJitter` (its parameters, order and probability) with the hue shifted by `shift_hue`"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._hue_fn = shift_hue   # kornia calls `_hue_fn(images, radians)` for the hue step
+
 # %% ../nbs/01_augmentations.ipynb #c015
 def get_batch_augs(
     size: int,                                   # Output crop size in px (square crops)
@@ -114,7 +135,7 @@ def get_batch_augs(
     if rotate: tfms.append(KorniaTfm(korniatfm.RandomRotation(rotate_deg, p=rotate_p, same_on_batch=same_on_batch)))
     if jitter:
         s = jitter_s
-        tfms.append(KorniaTfm(korniatfm.ColorJitter(0.8*s, 0.8*s, 0.8*s, 0.2*s, p=jitter_p, same_on_batch=same_on_batch), rgb_only=True))
+        tfms.append(KorniaTfm(FastColorJitter(0.8*s, 0.8*s, 0.8*s, 0.2*s, p=jitter_p, same_on_batch=same_on_batch), rgb_only=True))
     if bw: tfms.append(KorniaTfm(korniatfm.RandomGrayscale(p=bw_p, same_on_batch=same_on_batch), rgb_only=True))
     if blur: tfms.append(KorniaTfm(korniatfm.RandomGaussianBlur(_blur_kernel_size(sigma[1], size), sigma,
                                                                   p=blur_p, same_on_batch=same_on_batch)))
@@ -136,6 +157,42 @@ def assert_aug_pipelines(
         if p.split_idx != 0:
             raise ValueError(f"aug_pipelines[{i}] has split_idx={p.split_idx}: build it with Pipeline(..., split_idx=0) "
                              "(get_batch_augs does) so its transforms run on the training split.")
+
+# %% ../nbs/01_augmentations.ipynb #c021c
+def resized_crops(
+    x: Tensor,      # Images [B, C, H, W]
+    boxes: Tensor,  # [n, B, 4]: n boxes per image, (x0, y0, x1, y1) in px, corners inclusive
+    size: int,      # Side of the square crops in px
+) -> Tensor:
+    "The `n * B` crops `[n * B, C, size, size]` of `x` (crop-major: crop 0 of every image first), bilinear, in one `grid_sample`"
+    n, B = boxes.shape[:2]
+    H, W = x.shape[-2:]
+    steps = torch.arange(size, device=x.device, dtype=x.dtype) / max(size - 1, 1)
+    x0, y0, x1, y1 = boxes.to(x.device, x.dtype).unbind(-1)
+    gx = (x0[..., None] + (x1 - x0)[..., None] * steps) * (2 / max(W - 1, 1)) - 1    # [n, B, size], align_corners=True
+    gy = (y0[..., None] + (y1 - y0)[..., None] * steps) * (2 / max(H - 1, 1)) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), -1)   # [n, B, size, size, 2]
+    grid = grid.permute(1, 2, 0, 3, 4).reshape(B, size, n * size, 2)                  # the n crops of an image side by side
+    out = nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.view(B, x.shape[1], size, n, size).permute(3, 0, 1, 2, 4).reshape(n * B, x.shape[1], size, size)
+
+def _box_cropper(tfm) -> korniatfm.RandomResizedCrop | None:
+    "The kornia `RandomResizedCrop` of `tfm` when `resized_crops` makes exactly its crops (square, bilinear, per image), else None"
+    aug = getattr(tfm, "aug", None)
+    if not isinstance(tfm, KorniaTfm) or not isinstance(aug, korniatfm.RandomResizedCrop): return None
+    f = aug.flags
+    ok = (f.get("cropping_mode") == "resample" and f.get("align_corners") is True and str(f.get("resample")).endswith("BILINEAR")
+          and len(set(f.get("size", ()))) == 1 and aug.p == 1 and aug.p_batch == 1 and not aug.same_on_batch)
+    return aug if ok else None
+
+def crop_boxes(
+    crop: korniatfm.RandomResizedCrop,  # The kornia crop whose sampler draws the boxes
+    n: int,                             # Boxes per image
+    x: Tensor,                          # The images [B, C, H, W]
+) -> Tensor:
+    "`n` boxes per image of `x` drawn by `crop`'s sampler, `[n, B, 4]` (x0, y0, x1, y1) in px, for `resized_crops`"
+    src = crop.forward_parameters(torch.Size((n * len(x), *x.shape[1:])))["src"]   # [n * B, 4 corners, (x, y)]
+    return torch.cat([src[:, 0], src[:, 2]], -1).view(n, len(x), 4).to(x.device)
 
 # %% ../nbs/01_augmentations.ipynb #c022c
 def _declared_crop_size(pipe: Pipeline) -> int | None:
@@ -174,9 +231,11 @@ class MultiCrop(list):
         x = x.as_subclass(Tensor)
         crops = []
         for s, e in self.group_ranges():
-            if e - s == 1: crops.append(self[s](x)); continue
-            first = self[s].fs[0]
-            crops += list(self._group_rest(s)(torch.cat([first(x) for _ in range(s, e)])).chunk(e - s))
+            cropper = _box_cropper(self[s].fs[0])
+            if cropper is None and e - s == 1: crops.append(self[s](x)); continue
+            if cropper is None: group = torch.cat([self[s].fs[0](x) for _ in range(s, e)])
+            else: group = resized_crops(x, crop_boxes(cropper, e - s, x), cropper.flags["size"][0])
+            crops += list(self._group_rest(s)(group).chunk(e - s))
         return crops
 
     def _group_rest(self, s: int) -> Pipeline:
