@@ -5,10 +5,16 @@ Every contender turns the same uint8 images into all crops of the recipe (by def
 colour distortion, grayscale, blur, flip, normalisation) and hands back one float batch per crop:
 
 * `project`: the `MultiCrop` of `get_swav_aug_pipelines(...)` called on the whole batch (`x.float() / 255` included),
-  on `--device`, as `SWAV` calls it (`learn.swav.augs(x)`): for each declared group of identical pipelines,
-  `RandomResizedCrop` once per crop, then the rest of the pipeline in one call on the concatenated crops.
+  on `--device`, as `SWAV` calls it (`learn.swav.augs(x)`): for each declared group of identical pipelines, the
+  crops of every image from kornia-sampled boxes in one `resized_crops` call, then the rest of the pipeline in one
+  call on the group's crops.
 * `project-ungrouped`: the same pipelines as a `MultiCrop` of one crop per group (what a plain list of pipelines
-  becomes), so one call per crop (the project before commit c374bd5): what grouping saves.
+  becomes), so one call per crop: what grouping saves.
+* `project-before`: the project before issue 14 (`contenders.before_augs`): kornia's crop once per crop and kornia's
+  HSV hue shift, the rest as `project`.
+* `original`: the original fastai library `self_supervised` 1.0.4, its `get_swav_aug_pipelines` set to the official
+  recipe (`contenders.original_augs`), one call per crop as its `SWAV` callback does; its torchvision crop draws one
+  box for the whole batch. Skipped when not installed.
 * `official`: the official `MultiCropDataset` transform written plainly below (torchvision `RandomResizedCrop`,
   flip, `RandomApply(ColorJitter)`, `RandomGrayscale`, PIL Gaussian blur, `ToTensor`, `Normalize`), image by image
   from PIL images, then stacked into batches.
@@ -33,7 +39,7 @@ from torch import Tensor
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 from contenders import (CONFIGS, MAX_SCALES, MIN_SCALES, TINY, PILImages, available, lightly_transform,  # noqa: E402
-                        make_images, swav_augs)
+                        before_augs, make_images, original_augs, swav_augs)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)   # as in the official main_swav.py
 
@@ -63,19 +69,33 @@ def official_transform(a: argparse.Namespace):
 
 
 # ---- contenders
+def float_batch(a, images: Tensor, i: int) -> Tensor:
+    "Batch `i` of the uint8 `images` (wrapping around) on the device, as floats in [0, 1]"
+    return images[(i * a.bs) % len(images):][:a.bs].to(a.device).float().div_(255)
+
+
 class ProjectAugs:
     "The project's `MultiCrop` on whole batches: its declared groups (`grouped`), or one group per crop"
-    def __init__(self, a, images: Tensor, threads: int, grouped: bool = True):
+    def __init__(self, a, images: Tensor, threads: int, grouped: bool = True, before: bool = False):
         from self_supervised_swav.augmentations import MultiCrop
         self.a, self.images, self.threads = a, images, threads
-        self.name = "project" if grouped else "project-ungrouped"
-        multi_crop = swav_augs(a)
+        self.name = "project-before" if before else "project" if grouped else "project-ungrouped"
+        multi_crop = before_augs(a) if before else swav_augs(a)
         self.multi_crop = multi_crop if grouped else MultiCrop(list(multi_crop))   # groups=None: one call per pipeline
-    def _batch(self, i: int) -> list[Tensor]:
-        b = self.images[(i * self.a.bs) % len(self.images):][:self.a.bs]
-        return self.multi_crop(b.to(self.a.device).float().div_(255))
+    def _batch(self, i: int) -> list[Tensor]: return self.multi_crop(float_batch(self.a, self.images, i))
     def run(self, n: int) -> list[float]:
         with H.torch_threads(self.threads): return H.time_each(self._batch, n, self.a.device)
+
+
+class OriginalAugs(ProjectAugs):
+    "The original library's pipelines (`contenders.original_augs`), one call per crop on the batch, as its `SWAV.before_batch`"
+    def __init__(self, a, images: Tensor, threads: int):
+        self.a, self.images, self.threads, self.name = a, images, threads, "original"
+        self.augs = original_augs(a)
+    def _batch(self, i: int) -> list[Tensor]:
+        from fastai.torch_core import TensorImage   # its Normalize acts on TensorImage only, as its DataLoaders give
+        x = TensorImage(float_batch(self.a, self.images, i))
+        return [aug(x) for aug in self.augs]
 
 
 class PerImageAugs:
@@ -105,8 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", default="1,all", help="1: one thread/process each; all: all cores (see the docstring)")
     p.add_argument("--batches", type=int, default=3, help="Timed batches per round and contender")
     p.add_argument("--rounds", type=int, default=6, help="Interleaved rounds (the order of the contenders rotates)")
-    p.add_argument("--contenders", default="project,project-ungrouped,official,lightly",
-                   help="Comma-separated subset of project, project-ungrouped, official, lightly (project is always run: "
+    p.add_argument("--contenders", default="project,project-before,project-ungrouped,original,official,lightly",
+                   help="Comma-separated subset of project, project-before, project-ungrouped, original, official, lightly (project is always run: "
                    "the ratios are to it)")
     p.add_argument("--json", help="Also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
@@ -129,6 +149,8 @@ def main(argv=None) -> list[dict]:
         threads, workers = (1, 0) if mode == "1" else (cores, cores)
         make = {"project": lambda: ProjectAugs(a, images, threads),
                 "project-ungrouped": lambda: ProjectAugs(a, images, threads, grouped=False),
+                "project-before": lambda: ProjectAugs(a, images, threads, before=True),
+                "original": lambda: OriginalAugs(a, images, threads),
                 "official": lambda: PerImageAugs("official", a, images, official_transform(a), workers),
                 "lightly": lambda: PerImageAugs("lightly", a, images, lightly_transform(a), workers)}
         times = H.run_interleaved([f() for n, f in make.items() if n in names], a.rounds, a.batches, label=f"mode {mode}, ")

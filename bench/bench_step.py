@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
-from contenders import CLASSES, Project, add_common_args, available, describe, finish_args, make_images, n_images  # noqa: E402
+from contenders import CLASSES, DEFAULT, Project, add_common_args, available, describe, finish_args, make_images, n_images  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(p)
     p.add_argument("--workers", type=int, help="lightly's DataLoader workers; default from --config")
-    p.add_argument("--contenders", default=",".join(CLASSES), help="Comma-separated subset of " + ",".join(CLASSES))
+    p.add_argument("--contenders", default=",".join(DEFAULT), help="Comma-separated subset of " + ",".join(CLASSES))
     p.add_argument("--queue-modes", default="off,on", help="Comma-separated: off (no queue) and/or on (a full queue)")
     p.add_argument("--memory", action="store_true", help="Peak memory: run each contender alone in a fresh process")
     p.add_argument("--profile", action="store_true", help="Print a torch.profiler table of the project's steps")

@@ -132,6 +132,26 @@ def swav_augs(a: argparse.Namespace):
                                   min_scales=list(MIN_SCALES), max_scales=list(MAX_SCALES))
 
 
+def before_augs(a: argparse.Namespace):
+    "`swav_augs(a)` as the library made them before issue 14: kornia's crop called once per crop, kornia's ColorJitter"
+    import kornia.augmentation as K
+    from fastai.data.core import Pipeline, Transform
+    from self_supervised_swav.augmentations import FastColorJitter, KorniaTfm, MultiCrop
+
+    class KorniaCrop(Transform):   # not a KorniaTfm, so MultiCrop runs it once per crop, as it did
+        def __init__(self, aug): super().__init__(); self.aug = aug
+        def encodes(self, x: Tensor): return self.aug(x)
+
+    def before(t):
+        if isinstance(t, KorniaTfm) and isinstance(t.aug, K.RandomResizedCrop): return KorniaCrop(t.aug)
+        if isinstance(t, KorniaTfm) and isinstance(t.aug, FastColorJitter):
+            j = t.aug
+            return KorniaTfm(K.ColorJitter(j.brightness, j.contrast, j.saturation, j.hue, p=j.p, same_on_batch=j.same_on_batch), rgb_only=t.rgb_only)
+        return t
+    multi_crop = swav_augs(a)
+    return MultiCrop([Pipeline([before(t) for t in p.fs], split_idx=0) for p in multi_crop], groups=multi_crop.groups)
+
+
 def sgd(params, lr: float = 0.05): return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
@@ -206,7 +226,7 @@ class Project:
         self.name, self.a = name, a
         self.model = make_swav_model(a)
         if queue: fill_queue(self.model, queue, len(CROP_IDS))
-        swav = SWAV(swav_augs(a), CROP_IDS, K=queue or None, queue_start_pct=0., freeze_protos_iters=0)
+        swav = SWAV((before_augs if name == "project-before" else swav_augs)(a), CROP_IDS, K=queue or None, queue_start_pct=0., freeze_protos_iters=0)
         self.learn, self.timer = fastai_learner(a, images, self.model, swav)
 
     def run(self, n: int) -> list[float]:
@@ -345,4 +365,6 @@ class Original:
     run = Project.run
 
 
-CLASSES = dict(project=Project, original=Original, lightly=Lightly, floor=Floor)
+CLASSES = {"project": Project, "original": Original, "lightly": Lightly, "floor": Floor,
+           "project-before": partial(Project, name="project-before")}   # the library before issue 14's changes
+DEFAULT = ["project", "original", "lightly", "floor"]

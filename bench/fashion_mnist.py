@@ -6,7 +6,7 @@ Data: Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 used only by the evaluations (and by the kNN monitor, on 6k training images).
 
     .venv/bin/python bench/fashion_mnist.py                  # the configuration reported in BENCHMARKS.md (~25 min, 1 CPU core)
-    .venv/bin/python bench/fashion_mnist.py --n_train 10000 --epochs 2 --skip_baselines --out /tmp/fm.json   # a tuning run
+    .venv/bin/python bench/fashion_mnist.py --val --skip_baselines --out /tmp/fm.json   # a tuning run: validation split
 
 The defaults are that configuration: timm's resnet10t at half its widths (32-256) without the stem's max-pool
 (14x14 maps in the first stage of a 28 px image), average pooling, 30 prototypes, crops 2x28 px (area 0.5-1) +
@@ -91,6 +91,7 @@ def apply_auto(args, n_train: int):
 def main(args):
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_fashion_mnist()
+    if args.val: (x_train, y_train), (x_test, y_test) = (x_train[:-10000], y_train[:-10000]), (x_train[-10000:], y_train[-10000:])
     x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
     if args.auto: apply_auto(args, int(0.98 * len(x_train)))
     results = dict(command="python bench/fashion_mnist.py " + " ".join(args.argv), settings=vars(args) | dict(argv=None),
@@ -166,14 +167,19 @@ def add_training_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
+def add_encoder_args(p: argparse.ArgumentParser):
+    "The options of `build_encoder`, shared with `semi_supervised.py`"
     p.add_argument("--arch", default="resnet10t")
     p.add_argument("--channels", type=int, nargs=4, default=[32, 64, 128, 256], help="widths of the 4 stages of a timm ResNet (resnet10t: 64 128 256 512)")
     p.add_argument("--stem_pool", dest="no_stem_pool", action="store_false", help="keep the max-pool of the stem (timm's resnet10t as it is)")
     p.add_argument("--no_stem_pool", action="store_true", default=True, help="drop the max-pool of a timm ResNet's stem (finer feature maps)")
     p.add_argument("--pool", default="avg", help="global pooling (avg, catavgmax, ...); at 28 px resnet10t's last map is 1x1, so both give the same features")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
+    add_encoder_args(p)
     p.add_argument("--bn_recal", type=int, default=60000, help="also evaluate after recomputing BatchNorm statistics on this many full-size training images")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
@@ -186,6 +192,8 @@ def parse(argv=None):
     p.add_argument("--queue_start_pct", type=float, default=0.25)
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--probe_epochs", type=int, default=20)
+    p.add_argument("--val", action="store_true", help="tune on a validation split: pretrain on the first 50k training images "
+                   "(the kNN bank) and evaluate on the last 10k as queries; the test images are not used")
     p.add_argument("--skip_baselines", action="store_true", help="evaluate only the pretrained encoder (for tuning runs)")
     p.add_argument("--auto", action="store_true", help="the settings swav_pretrain chooses by default (suggest_swav_settings) instead of the tuned ones")
     p.add_argument("--save_encoder", default="", help="also write the pretrained encoder's weights to this file")

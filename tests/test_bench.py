@@ -21,6 +21,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 HAVE_LIGHTLY = importlib.util.find_spec("lightly") is not None
+HAVE_ORIGINAL = importlib.util.find_spec("self_supervised") is not None   # the original library (bench environment only)
 
 
 def check_lightly_message(report: str, lightly_rows: bool):
@@ -57,7 +58,7 @@ def table_rows(report: str) -> list[list[str]]:
 def test_bench_step_speed(run_main):
     rows = table_rows(run_main("bench_step.py"))
     names = {(r[0], r[1]) for r in rows}
-    expected = {"project", "floor"} | ({"lightly"} if HAVE_LIGHTLY else set())
+    expected = {"project", "floor"} | ({"lightly"} if HAVE_LIGHTLY else set()) | ({"original"} if HAVE_ORIGINAL else set())
     assert names == {(q, c) for q in ("off", "8") for c in expected}
     assert all(float(r[2]) > 0 for r in rows)
 
@@ -77,8 +78,11 @@ def test_bench_step_profile(run_main):
 
 
 def test_bench_augs(run_main):
-    rows = table_rows(run_main("bench_augs.py"))
-    assert [r[1] for r in rows] == ["project", "project-ungrouped", "official"] + (["lightly"] if HAVE_LIGHTLY else [])
+    report = run_main("bench_augs.py")
+    rows = table_rows(report)
+    assert [r[1] for r in rows] == (["project", "project-ungrouped", "project-before"] + (["original"] if HAVE_ORIGINAL else [])
+                                    + ["official"] + (["lightly"] if HAVE_LIGHTLY else []))
+    if not HAVE_ORIGINAL: assert "the original library is not installed" in report
 
 
 def test_bench_sinkhorn():
@@ -143,3 +147,28 @@ def test_run_overheads_script(run_main):
     rows = dict(table_rows(run_main("bench_run_overheads.py", lightly_rows=False)))
     assert rows["files"] == "200" and float(rows["one checkpoint (s)"]) > 0 and float(rows["checkpoint size (MiB)"]) > 1
     assert 0 < float(rows["checkpoint / epoch"]) < 1
+
+
+def test_semi_supervised_subset():
+    "The labelled subsets of bench/semi_supervised.py are class-balanced, fixed by the seed, and refuse an uneven size"
+    import semi_supervised as ss
+    y = torch.arange(1000) % 10
+    idx = ss.balanced_subset(y, 60, seed=0)
+    assert len(idx.unique()) == 60 and torch.bincount(y[idx], minlength=10).tolist() == [6] * 10
+    assert torch.equal(idx, ss.balanced_subset(y, 60, seed=0)) and not torch.equal(idx, ss.balanced_subset(y, 60, seed=1))
+    with pytest.raises(SystemExit, match="multiple of the 10 classes"): ss.balanced_subset(y, 65)
+
+
+def test_semi_supervised_finetune():
+    "bench/semi_supervised.py fine-tunes an encoder on labelled images and returns its test top-1, well above chance on images whose class is their brightness"
+    import argparse
+    import semi_supervised as ss
+    from torch import nn
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(40) % 2
+    x = (torch.rand(40, 1, 28, 28, generator=g) * 0.2 + y.view(-1, 1, 1, 1) * 0.6).clamp(0, 1)   # the class is the brightness
+    args = argparse.Namespace(bs=20, wd=0., lr=1e-2, epochs_for={40: 10})
+    enc = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    acc = ss.finetune(enc, x, y, x, y, args, seed=0)
+    assert 0 <= acc <= 1
+    assert acc >= 0.9   # chance is 0.5: fine-tuning learns
