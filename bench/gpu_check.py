@@ -9,10 +9,11 @@ next one starts), all under one overall `--budget`:
 * `sinkhorn`: `bench_sinkhorn.py` on the GPU, and each case against the memory-bandwidth bound: the time to read the
   scores once and write the codes once at the device-to-device copy bandwidth measured just before.
 * `step`: `bench_step.py --config gpu` (2x224 + 6x96 px crops, batch 256, queue 3840): the project against lightly,
-  the original fastai `self_supervised` library (when `contenders.py` has an `original` contender) and the floor.
+  the original fastai `self_supervised` library (when installed; `make gpu-check` installs its wheel) and the floor.
 * `syncs`: the project's step by phase (`harness.phase_shares`) and host-device syncs per phase (`harness.count_syncs`).
 * `memory`: peak CUDA memory (`torch.cuda.max_memory_allocated`) of each contender's steps (`bench_step.bench_one_memory`).
-* `augs`: `bench_augs.py --config gpu --modes all`: the project's kornia batch pipelines on the GPU against per-image
+* `augs`: `bench_augs.py --config gpu --modes all`: the project's kornia batch pipelines on the GPU (and before issue 14's
+  changes, and the original library's) against per-image
   torchvision (official recipe, lightly) in one DataLoader worker per core.
 * `fashion_mnist`: a short Fashion-MNIST pretraining (`bench/fashion_mnist.py`'s tuned defaults, `--fm-minutes` of
   pretraining), then kNN and linear-probe top-1 on the 10k test images. Skipped with a message without the data.
@@ -290,8 +291,9 @@ def part_memory(a) -> dict:
 
 def part_augs(a) -> dict:
     argv = ["--tiny"] if a.dry_run else ["--config", "gpu", "--device", "cuda", "--modes", "all", "--batches", "3", "--rounds", "2"]
-    names = ["project", "project-ungrouped", "official"]
-    notes = ["original library: bench_augs.py has no `original` contender yet (issue 14, Speed)"]
+    from contenders import ORIGINAL_MISSING, original_available
+    names = ["project", "project-before", "official"] + (["original"] if original_available() else [])
+    notes = [] if original_available() else [ORIGINAL_MISSING]
     problem = lightly_problem()
     if problem: notes.append(problem)
     else: names.append("lightly")

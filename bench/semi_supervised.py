@@ -45,7 +45,7 @@ def train_augs():
 
 def finetune(encoder: nn.Module, x, y, x_test, y_test, args, seed: int) -> float:
     "Test top-1 after fine-tuning `encoder` (inputs normalised in the model) with a linear head on (x, y)"
-    from fastai.callback.core import Callback
+    from fastai.callback.core import Callback, CancelValidException
     from fastai.data.core import DataLoaders
     from fastai.torch_core import set_seed
     import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
@@ -54,17 +54,20 @@ def finetune(encoder: nn.Module, x, y, x_test, y_test, args, seed: int) -> float
 
     augs = train_augs()
     class TrainAugs(Callback):
-        "The augmentation on training batches only"
+        "The augmentation on training batches only; no validation during training (the test images are scored once, at the end)"
         def before_batch(self):
             if self.training: self.learn.xb = (augs(self.x),)
+        def before_validate(self): raise CancelValidException()
 
     set_seed(seed)
     dls = DataLoaders.from_dsets(ImageTensorDataset(x, y), ImageTensorDataset(x_test, y_test), bs=args.bs, num_workers=0,
                                  device=torch.device("cpu"))
     model = nn.Sequential(InputNormalization(*fm.STATS), encoder)
     learn = finetune_learner(dls, model, n_out=10, freeze=False, train_bn=True, cbs=[TrainAugs()], wd=args.wd)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(args.epochs_for[len(x)], args.lr)
-    preds, targs = learn.get_preds(dl=dls.valid)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(args.epochs_for[len(x)], args.lr)
+        learn.remove_cb(TrainAugs)
+        preds, targs = learn.get_preds(dl=dls.valid)
     return round(float((preds.argmax(1) == targs).float().mean()), 4)
 
 

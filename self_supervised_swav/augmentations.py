@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 import kornia.augmentation as korniatfm
+from kornia.constants import Resample
 from fastai.data.core import Pipeline, Transform
 from fastai.torch_core import show_image
 from fastai.vision.core import imagenet_stats
@@ -181,7 +182,7 @@ def _box_cropper(tfm) -> korniatfm.RandomResizedCrop | None:
     aug = getattr(tfm, "aug", None)
     if not isinstance(tfm, KorniaTfm) or not isinstance(aug, korniatfm.RandomResizedCrop): return None
     f = aug.flags
-    ok = (f.get("cropping_mode") == "resample" and f.get("align_corners") is True and str(f.get("resample")).endswith("BILINEAR")
+    ok = (f.get("cropping_mode") == "resample" and f.get("align_corners") is True and f.get("resample") == Resample.BILINEAR
           and len(set(f.get("size", ()))) == 1 and aug.p == 1 and aug.p_batch == 1 and not aug.same_on_batch)
     return aug if ok else None
 
