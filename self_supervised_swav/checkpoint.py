@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import Callback
 from fastai.torch_core import get_model, rank_distrib
 from fastcore.foundation import L
 
 from . import __version__
+from .resume import TrainedEpochs
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'save_checkpoint', 'read_checkpoint', 'load_checkpoint', 'RunCheckpoint', 'Interrupted',
@@ -73,7 +73,7 @@ def load_checkpoint(
     return ckpt["epoch"] + 1
 
 # %% ../nbs/05a_checkpoint.ipynb #c010
-class RunCheckpoint(Callback):
+class RunCheckpoint(TrainedEpochs):
     "Write the whole run to `path` (`save_checkpoint`) at the end of every epoch that trained"
     order = 65   # after ResumeRandomState (55) and the Recorder (50): the state of the end of the epoch
 
@@ -81,12 +81,10 @@ class RunCheckpoint(Callback):
         path: str | os.PathLike,       # Checkpoint file
         settings: dict | None = None,  # The run's settings, stored with it
     ):
-        self.path, self.settings, self._trained = Path(path), settings, None
+        self.path, self.settings = Path(path), settings
 
-    def before_fit(self): self._trained = None
-    def before_train(self): self._trained = self.epoch
     def after_epoch(self):
-        if self._trained == self.epoch: save_checkpoint(self.learn, self.path, self.epoch, self.n_epoch, self.settings)
+        if self.epoch_trained: save_checkpoint(self.learn, self.path, self.epoch, self.n_epoch, self.settings)
 
 # %% ../nbs/05a_checkpoint.ipynb #c013
 class Interrupted(KeyboardInterrupt):

@@ -38,6 +38,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastai.callback.progress import CSVLogger
     from torch import nn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
+    from self_supervised_swav.resume import TrainedEpochs
     from self_supervised_swav.finetune import save_encoder, save_swav_model
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
@@ -291,12 +292,11 @@ def _knn(encoder, dls, tfm) -> float | None:
 
 def _fmt(v) -> str: return "n/a" if v is None else f"{v:.4f}"
 
-class TrainedEpochsCSV(CSVLogger):
+class TrainedEpochsCSV(TrainedEpochs, CSVLogger):
     "fastai's `CSVLogger`, without the rows of the epochs that a resumed fit skips (`start_epoch`)"
-    def before_fit(self): self._trained = None; super().before_fit()
-    def before_train(self): self._trained = self.epoch
+    def before_fit(self): TrainedEpochs.before_fit(self); CSVLogger.before_fit(self)
     def _write_line(self, log):
-        if self._trained == self.epoch: super()._write_line(log)
+        if self.epoch_trained: super()._write_line(log)
         else: self.old_logger(log)
 
 def _log(csv_path: Path) -> list[dict]:

@@ -19,7 +19,7 @@ from fastai.torch_core import get_model
 
 # %% auto #0
 __all__ = ['world_rank', 'all_gather_stack', 'rng_state_tensor', 'set_rng_state_tensor', 'preserved_random_state',
-           'ResizingBuffers', 'attach_state', 'RandomStateHolder', 'ResumeRandomState']
+           'ResizingBuffers', 'attach_state', 'RandomStateHolder', 'TrainedEpochs', 'ResumeRandomState']
 
 # %% ../nbs/01a_resume.ipynb #c006
 def world_rank() -> tuple[int, int]:
@@ -169,15 +169,29 @@ class RandomStateHolder(ResizingBuffers):
         set_rng_state_tensor(self.states[rank], dls)
         return True
 
+# %% ../nbs/01a_resume.ipynb #c019u
+class TrainedEpochs(Callback):
+    "Base of the callbacks that act only at the end of epochs that trained (not those `fit(start_epoch=)` skips)"
+    def before_fit(self): self._trained = None
+    def before_train(self): self._trained = self.epoch
+    @property
+    def first_train(self) -> bool:
+        "In `before_train` (before this class's runs): whether this is the first epoch of the fit that trains"
+        return getattr(self, "_trained", None) is None
+    @property
+    def epoch_trained(self) -> bool:
+        "In `after_epoch`: whether this epoch trained"
+        return getattr(self, "_trained", None) == self.epoch
+
 # %% ../nbs/01a_resume.ipynb #c021
-class ResumeRandomState(Callback):
+class ResumeRandomState(TrainedEpochs):
     "Keep the random state on the model at the end of each epoch; restore it when `fit(..., start_epoch=e)` resumes"
     order = 55   # after_epoch: after Recorder (50), before SaveModelCallback (61) and checkpoints (>= 60)
 
     def __init__(self,
         attr: str = "random_state",  # Attribute of the model that holds the state (a `RandomStateHolder`)
     ):
-        self.attr, self._trained = attr, None
+        self.attr = attr
 
     @property
     def holder(self) -> RandomStateHolder:
@@ -185,12 +199,11 @@ class ResumeRandomState(Callback):
         return attach_state(get_model(self.learn.model), self.attr, RandomStateHolder)
 
     def after_create(self): self.holder
-    def before_fit(self): self._trained = None
     def before_train(self):
-        if self._trained is None and self.epoch > 0: self._restore()
-        self._trained = self.epoch
+        if self.first_train and self.epoch > 0: self._restore()
+        super().before_train()
     def after_epoch(self):
-        if self._trained == self.epoch: self.holder.save(self.epoch, self.dls)   # not in epochs skipped by start_epoch
+        if self.epoch_trained: self.holder.save(self.epoch, self.dls)   # not in epochs skipped by start_epoch
 
     def _restore(self):
         "Restore the state of the end of the epoch before this one, if that is the state the model holds"
