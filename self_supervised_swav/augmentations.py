@@ -101,7 +101,7 @@ class FastColorJitter(korniatfm.ColorJitter):
     "kornia's `ColorJitter` (its parameters, order and probability) with the hue shifted by `shift_hue`"
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._hue_fn = shift_hue   # kornia calls `_hue_fn(images, radians)` for the hue step
+        self._hue_fn = shift_hue   # kornia 0.9 calls `_hue_fn(images, radians)` for the hue step (tested below)
 
 # %% ../nbs/01_augmentations.ipynb #c015
 def get_batch_augs(
