@@ -90,7 +90,8 @@ def shift_hue(
     "`x` with its HSV hue rotated by `hue` radians, equal to kornia's `adjust_hue` without the trip through HSV"
     if isinstance(hue, Tensor) and hue.ndim == 1: hue = hue.view(-1, 1, 1)
     r, g, b = x.unbind(-3)
-    top, c = x.amax(-3), x.amax(-3) - x.amin(-3)
+    top = x.amax(-3)
+    c = top - x.amin(-3)
     num = torch.where(top == r, g - b, torch.where(top == g, b - r, r - g))
     offset = torch.where(top == r, 0., torch.where(top == g, 2., 4.)).to(x.dtype)
     sixths = torch.remainder(num / torch.where(c > 0, c, 1.) + offset + hue * (3 / math.pi), 6).unsqueeze(-3)

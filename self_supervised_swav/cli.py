@@ -311,8 +311,9 @@ def _image_errors():
     "Turn `_open_image`'s error, raised in a DataLoader (worker), into a one-line `UsageError`"
     try: yield
     except OSError as e:
-        if _image_error(e) is None: raise
-        raise UsageError(_image_error(e)) from None
+        msg = _image_error(e)
+        if msg is None: raise
+        raise UsageError(msg) from None
 
 def _arch_kwargs(s: SimpleNamespace) -> dict:
     "`--arch_kwargs` (JSON) as a dict"

@@ -172,16 +172,17 @@ class RandomStateHolder(ResizingBuffers):
 # %% ../nbs/01a_resume.ipynb #c019u
 class TrainedEpochs(Callback):
     "Base of the callbacks that act only at the end of epochs that trained (not those `fit(start_epoch=)` skips)"
+    _trained: int | None = None   # the last epoch whose training began in this fit
     def before_fit(self): self._trained = None
     def before_train(self): self._trained = self.epoch
     @property
     def first_train(self) -> bool:
         "In `before_train` (before this class's runs): whether this is the first epoch of the fit that trains"
-        return getattr(self, "_trained", None) is None
+        return self._trained is None
     @property
     def epoch_trained(self) -> bool:
         "In `after_epoch`: whether this epoch trained"
-        return getattr(self, "_trained", None) == self.epoch
+        return self._trained == self.epoch
 
 # %% ../nbs/01a_resume.ipynb #c021
 class ResumeRandomState(TrainedEpochs):
