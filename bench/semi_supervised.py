@@ -43,8 +43,8 @@ def train_augs():
     return get_batch_augs(28, rotate=False, jitter=False, bw=False, blur=False, stats=None, resize_scale=(0.5, 1.0))
 
 
-def finetune(encoder: nn.Module, x, y, x_test, y_test, args, seed: int) -> float:
-    "Test top-1 after fine-tuning `encoder` (inputs normalised in the model) with a linear head on (x, y)"
+def finetune(encoder: nn.Module, x, y, x_test, y_test, epochs: int, args, seed: int) -> float:
+    "Test top-1 after fine-tuning `encoder` (inputs normalised in the model) with a linear head on (x, y) for `epochs`"
     from fastai.callback.core import Callback, CancelValidException
     from fastai.data.core import DataLoaders
     from fastai.torch_core import set_seed
@@ -65,7 +65,7 @@ def finetune(encoder: nn.Module, x, y, x_test, y_test, args, seed: int) -> float
     model = nn.Sequential(InputNormalization(*fm.STATS), encoder)
     learn = finetune_learner(dls, model, n_out=10, freeze=False, train_bn=True, cbs=[TrainAugs()], wd=args.wd)
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(args.epochs_for[len(x)], args.lr)
+        learn.fit_one_cycle(epochs, args.lr)
         learn.remove_cb(TrainAugs)
         preds, targs = learn.get_preds(dl=dls.valid)
     return round(float((preds.argmax(1) == targs).float().mean()), 4)
@@ -86,14 +86,14 @@ def main(args):
     x_train, y_train, x_test, y_test = fm.load_fashion_mnist()
     results = dict(command="python bench/semi_supervised.py " + " ".join(args.argv), settings={k: v for k, v in vars(args).items() if k != "argv"},
                    machine=dict(cpu_threads=torch.get_num_threads(), torch=torch.__version__), rows=[])
-    for n in args.labels:
+    for n, epochs in zip(args.labels, args.epochs):
         idx = balanced_subset(y_train, n, args.seed)
         x, y = x_train[idx], y_train[idx]
         t = time.time()
-        row = dict(labels=n, pct=round(100 * n / len(x_train), 1), epochs=args.epochs_for[n])
-        row["pretrained"] = finetune(load_encoder(fm.build_encoder(args), args.encoder), x, y, x_test, y_test, args, args.seed)
+        row = dict(labels=n, pct=round(100 * n / len(x_train), 1), epochs=epochs)
+        row["pretrained"] = finetune(load_encoder(fm.build_encoder(args), args.encoder), x, y, x_test, y_test, epochs, args, args.seed)
         torch.manual_seed(args.seed)
-        row["scratch"] = finetune(fm.build_encoder(args), x, y, x_test, y_test, args, args.seed)
+        row["scratch"] = finetune(fm.build_encoder(args), x, y, x_test, y_test, epochs, args, args.seed)
         row.update(raw_pixels(x, y, x_test, y_test, args.seed), seconds=round(time.time() - t))
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
@@ -122,7 +122,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if len(args.epochs) != len(args.labels): raise SystemExit("--epochs: give one number of epochs per --labels value")
     if not Path(args.encoder).is_file(): raise SystemExit(f"--encoder: no file at {args.encoder} (write one with fashion_mnist.py --save_encoder)")
-    args.argv, args.epochs_for = argv, dict(zip(args.labels, args.epochs))
+    args.argv = argv
     return args
 
 
