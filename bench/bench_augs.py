@@ -74,7 +74,13 @@ def float_batch(a, images: Tensor, i: int) -> Tensor:
     return images[(i * a.bs) % len(images):][:a.bs].to(a.device).float().div_(255)
 
 
-class ProjectAugs:
+class TimedBatches:
+    "A contender timed batch by batch: `_batch(i)` makes the crops of batch `i` with `threads` torch threads"
+    def run(self, n: int) -> list[float]:
+        with H.torch_threads(self.threads): return H.time_each(self._batch, n, self.a.device)
+
+
+class ProjectAugs(TimedBatches):
     "The project's `MultiCrop` on whole batches: its declared groups (`grouped`), or one group per crop"
     def __init__(self, a, images: Tensor, threads: int, grouped: bool = True, before: bool = False):
         from self_supervised_swav.augmentations import MultiCrop
@@ -83,11 +89,9 @@ class ProjectAugs:
         multi_crop = before_augs(a) if before else swav_augs(a)
         self.multi_crop = multi_crop if grouped else MultiCrop(list(multi_crop))   # groups=None: one call per pipeline
     def _batch(self, i: int) -> list[Tensor]: return self.multi_crop(float_batch(self.a, self.images, i))
-    def run(self, n: int) -> list[float]:
-        with H.torch_threads(self.threads): return H.time_each(self._batch, n, self.a.device)
 
 
-class OriginalAugs(ProjectAugs):
+class OriginalAugs(TimedBatches):
     "The original library's pipelines (`contenders.original_augs`), one call per crop on the batch, as its `SWAV.before_batch`"
     def __init__(self, a, images: Tensor, threads: int):
         self.a, self.images, self.threads, self.name = a, images, threads, "original"

@@ -71,9 +71,11 @@ def encoder_features(encoder, x, y, tfm, bs=512):
 
 def build_encoder(args) -> torch.nn.Module:
     "The encoder of the settings: a timm or fastai architecture, for timm ResNets optionally narrower and without the stem's max-pool"
-    if args.channels is None and not args.no_stem_pool: return create_encoder(args.arch, pretrained=False, n_in=1, pool_type=args.pool)
+    if args.channels is None and not args.no_stem_pool and args.output_stride == 32:
+        return create_encoder(args.arch, pretrained=False, n_in=1, pool_type=args.pool)
     import timm
     kw = {} if args.channels is None else dict(channels=tuple(args.channels), stem_width=args.channels[0] // 2)
+    if args.output_stride != 32: kw["output_stride"] = args.output_stride
     encoder = timm.create_model(args.arch, pretrained=False, num_classes=0, in_chans=1, global_pool=args.pool, **kw)
     if args.no_stem_pool: encoder.maxpool = torch.nn.Identity()   # 28 px images: keep 14x14 maps in the first stage
     return encoder
@@ -173,7 +175,10 @@ def add_encoder_args(p: argparse.ArgumentParser):
     p.add_argument("--channels", type=int, nargs=4, default=[32, 64, 128, 256], help="widths of the 4 stages of a timm ResNet (resnet10t: 64 128 256 512)")
     p.add_argument("--stem_pool", dest="no_stem_pool", action="store_false", help="keep the max-pool of the stem (timm's resnet10t as it is)")
     p.add_argument("--no_stem_pool", action="store_true", default=True, help="drop the max-pool of a timm ResNet's stem (finer feature maps)")
-    p.add_argument("--pool", default="avg", help="global pooling (avg, catavgmax, ...); at 28 px resnet10t's last map is 1x1, so both give the same features")
+    p.add_argument("--output_stride", type=int, default=32, choices=(8, 16, 32), help="timm ResNet output stride with its stem max-pool "
+                   "(halved without it); 16: the last stage dilated instead of strided (4x4 maps at 28 px without the stem max-pool)")
+    p.add_argument("--pool", default="avg", help="global pooling (avg, catavgmax: the library's default, ...); at 28 px the last map is 1x1 with the stem max-pool "
+                   "(both give the same features) and 2x2 without it")
 
 
 def parse(argv=None):

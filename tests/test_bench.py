@@ -142,6 +142,16 @@ def test_fashion_mnist_settings(tmp_path):
     assert json.loads((tmp_path / "d" / "r.json").read_text()) == dict(x=1)
 
 
+def test_fashion_mnist_encoder_options():
+    "build_encoder: without the stem max-pool a 28 px image leaves a 2x2 last map, 4x4 with --output_stride 16; CatAvgMax doubles the features"
+    import fashion_mnist as fm
+    x = torch.rand(2, 1, 28, 28)
+    def maps(*argv): return fm.build_encoder(fm.parse(list(argv))).eval().forward_features(x).shape[-2:]
+    assert maps() == (2, 2) and maps("--output_stride", "16") == (4, 4) and maps("--stem_pool") == (1, 1)
+    assert fm.build_encoder(fm.parse([])).eval()(x).shape == (2, 256)
+    assert fm.build_encoder(fm.parse(["--pool", "catavgmax"])).eval()(x).shape == (2, 512)
+
+
 def test_run_overheads_script(run_main):
     "bench_run_overheads --tiny: the folder's start-up and one checkpoint are measured and reported"
     rows = dict(table_rows(run_main("bench_run_overheads.py", lightly_rows=False)))
