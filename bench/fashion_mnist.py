@@ -34,6 +34,8 @@ from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipe
 
 DATA = Path("/usr/share/datasets/fashion-mnist")
 STATS = ([0.2860], [0.3530])   # Fashion-MNIST training mean and std
+# The configuration chosen in issue 14's second round (BENCHMARKS.md), as flags over the defaults (the first round's)
+CHOSEN = ["--n_protos", "100", "--pool", "catavgmax", "--jitter_s", "0.8"]
 
 
 def read_idx(path: Path) -> np.ndarray:
