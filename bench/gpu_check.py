@@ -15,7 +15,7 @@ next one starts), all under one overall `--budget`:
 * `augs`: `bench_augs.py --config gpu --modes all`: the project's kornia batch pipelines on the GPU (and before issue 14's
   changes, and the original library's) against per-image
   torchvision (official recipe, lightly) in one DataLoader worker per core.
-* `fashion_mnist`: a short Fashion-MNIST pretraining (`bench/fashion_mnist.py`'s tuned defaults, `--fm-minutes` of
+* `fashion_mnist`: a short Fashion-MNIST pretraining (`bench/fashion_mnist.py` with the configuration chosen on CPU, `fashion_mnist.CHOSEN`; `--fm-minutes` of
   pretraining), then kNN and linear-probe top-1 on the 10k test images. Skipped with a message without the data.
 
 On the GPU every part runs in its own process (`--part NAME`) killed at its cap. `--dry-run` runs every part in this
