@@ -73,11 +73,10 @@ def encoder_features(encoder, x, y, tfm, bs=512):
 
 def build_encoder(args) -> torch.nn.Module:
     "The encoder of the settings: a timm or fastai architecture, for timm ResNets optionally narrower and without the stem's max-pool"
-    if args.channels is None and not args.no_stem_pool and args.output_stride == 32:
-        return create_encoder(args.arch, pretrained=False, n_in=1, pool_type=args.pool)
+    kw = ({} if args.channels is None else dict(channels=tuple(args.channels), stem_width=args.channels[0] // 2)) | \
+         ({} if args.output_stride == 32 else dict(output_stride=args.output_stride))   # timm ResNet options
+    if not kw and not args.no_stem_pool: return create_encoder(args.arch, pretrained=False, n_in=1, pool_type=args.pool)
     import timm
-    kw = {} if args.channels is None else dict(channels=tuple(args.channels), stem_width=args.channels[0] // 2)
-    if args.output_stride != 32: kw["output_stride"] = args.output_stride
     encoder = timm.create_model(args.arch, pretrained=False, num_classes=0, in_chans=1, global_pool=args.pool, **kw)
     if args.no_stem_pool: encoder.maxpool = torch.nn.Identity()   # 28 px images: keep 14x14 maps in the first stage
     return encoder

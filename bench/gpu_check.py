@@ -292,8 +292,9 @@ def part_memory(a) -> dict:
 def part_augs(a) -> dict:
     argv = ["--tiny"] if a.dry_run else ["--config", "gpu", "--device", "cuda", "--modes", "all", "--batches", "3", "--rounds", "2"]
     from contenders import ORIGINAL_MISSING, original_available
-    names = ["project", "project-before", "official"] + (["original"] if original_available() else [])
-    notes = [] if original_available() else [ORIGINAL_MISSING]
+    original = original_available()
+    names = ["project", "project-before", "official"] + (["original"] if original else [])
+    notes = [] if original else [ORIGINAL_MISSING]
     problem = lightly_problem()
     if problem: notes.append(problem)
     else: names.append("lightly")
