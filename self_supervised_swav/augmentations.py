@@ -88,6 +88,7 @@ def shift_hue(
     hue: Tensor | float,    # Hue shift in radians: a number, or one per image [B]
 ) -> Tensor:
     "`x` with its HSV hue rotated by `hue` radians, equal to kornia's `adjust_hue` without the trip through HSV"
+    if isinstance(hue, Tensor): hue = hue.to(x.device, x.dtype)   # kornia draws its factors on the CPU
     if isinstance(hue, Tensor) and hue.ndim == 1: hue = hue.view(-1, 1, 1)
     r, g, b = x.unbind(-3)
     top = x.amax(-3)

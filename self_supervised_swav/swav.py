@@ -79,7 +79,7 @@ class SwAVQueue(ResizingBuffers):
     @torch.no_grad()
     def push(self, new: Tensor):
         "Put `new` `[n_assign, bs, dim]` at the front of the queues; the oldest entries drop out"
-        self.embeddings.copy_(torch.cat([new.detach().to(self.embeddings.dtype), self.embeddings], dim=1)[:, :self.length])
+        self.embeddings.copy_(torch.cat([new.detach().to(self.embeddings), self.embeddings], dim=1)[:, :self.length])
         self._filled = min(self.length, self._filled + new.shape[1])
         self.filled.fill_(self._filled)
 

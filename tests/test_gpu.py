@@ -168,3 +168,17 @@ def test_sinkhorn_under_cuda_autocast(dtype, eps):
     for i, (o, qq) in enumerate(zip(s.to(dtype).view(2, 256, -1), q.to(dtype))):
         ref_q = official_sinkhorn(torch.cat([qq, o]).double().cpu(), eps)[-256:]
         torch.testing.assert_close(qcodes[i].double().cpu(), ref_q, atol=2e-3, rtol=0)
+
+
+def test_default_pipelines_on_cuda():
+    "Every transform of the default multi-crop forced on, on a CUDA batch: crops stay on the GPU, finite, of the declared sizes"
+    from kornia.enhance import adjust_hue
+    from self_supervised_swav.augmentations import shift_hue
+    from self_supervised_swav.swav import get_swav_aug_pipelines
+    x = torch.rand(8, 3, 64, 64, device="cuda")
+    hue = torch.rand(8) - 0.5                        # on the CPU, as kornia draws its factors
+    torch.testing.assert_close(shift_hue(x, hue), adjust_hue(x, hue.cuda()), atol=1e-4, rtol=0)
+    augs = get_swav_aug_pipelines(num_crops=[2, 4], crop_sizes=[32, 16], flip_p=1., rotate_p=1., jitter_p=1., bw_p=1., blur_p=1.)
+    crops = augs(x)
+    assert [c.shape for c in crops] == [torch.Size([8, 3, 32, 32])] * 2 + [torch.Size([8, 3, 16, 16])] * 4
+    assert all(c.device.type == "cuda" and torch.isfinite(c).all() for c in crops)
