@@ -8,7 +8,8 @@ import math
 from typing import Any, Sequence
 
 # %% auto #0
-__all__ = ['SettingError', 'check_positive', 'check_in_range', 'check_pair', 'check_choice', 'check_same_length']
+__all__ = ['SettingError', 'check_positive', 'check_in_range', 'check_pair', 'check_choice', 'check_same_length',
+           'check_nonnegative', 'first_line']
 
 # %% ../nbs/00a_checks.ipynb #c006
 class SettingError(ValueError):
@@ -81,3 +82,23 @@ def check_same_length(**seqs: Sequence) -> int:
         raise SettingError(next(iter(seqs)), f"{', '.join(seqs)} need one value per crop size each (lists of the same "
                                              f"length), got lengths {lens}")
     return next(iter(lens.values()))
+
+# %% ../nbs/00a_checks.ipynb #c021
+def check_nonnegative(
+    name: str,              # Parameter name, for the message
+    v: Any,                 # The value received
+    integer: bool = False,  # Must be an int
+) -> Any:
+    "`v` if it is a number (an int if `integer`) >= 0; else a `SettingError`"
+    if not (_is_number(v, integer) and v >= 0):
+        raise SettingError(name, f"{name} must be {'an int' if integer else 'a number'} >= 0, got {v!r}")
+    return v
+
+# %% ../nbs/00a_checks.ipynb #c024
+def first_line(
+    e: BaseException,  # Any exception
+    width: int = 120,  # At most this many characters
+) -> str:
+    "The first non-empty line of `e`'s message (its class name when the message is empty), cut to `width` characters"
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    return (lines[0] if lines else type(e).__name__)[:width]
