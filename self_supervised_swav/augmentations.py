@@ -48,26 +48,20 @@ class KorniaTfm(Transform):
     def __repr__(self): return f"KorniaTfm({self.aug!r})"
 
 # %% ../nbs/01_augmentations.ipynb #c009
+from .normalization import InputNormalization
+
 class BatchNormalize(Transform):
-    "Normalise a batch with `(mean, std)` on the batch's device; `decode` undoes it"
+    "Normalise a batch with `(mean, std)` on the batch's device (an `InputNormalization` as a fastai batch transform); `decode` undoes it"
     order = 99
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-        if self.mean.ndim != 1 or self.mean.shape != self.std.shape:
-            raise ValueError(f"stats must be (mean, std) with one value per channel each, got {mean}, {std}")
-        if (self.std <= 0).any(): raise ValueError(f"stats std must be positive, got {std}")
-    def _stats(self, x: Tensor):
-        if x.shape[1] != len(self.mean):
-            raise ValueError(f"stats have {len(self.mean)} channels but the images have {x.shape[1]}: pass stats "
-                             f"with {x.shape[1]} values each (e.g. stats=([0.5]*{x.shape[1]}, [0.5]*{x.shape[1]})) or stats=None.")
-        return (self.mean.to(x.device, x.dtype).view(1, -1, 1, 1), self.std.to(x.device, x.dtype).view(1, -1, 1, 1))
-    def encodes(self, x: Tensor):
-        m, s = self._stats(x)
-        return (x - m) / s
-    def decodes(self, x: Tensor):
-        m, s = self._stats(x)
-        return x * s + m
+        self.norm = InputNormalization(mean, std)
+    @property
+    def mean(self) -> Tensor: return self.norm.mean.flatten()
+    @property
+    def std(self) -> Tensor: return self.norm.std.flatten()
+    def encodes(self, x: Tensor): return self.norm(x)
+    def decodes(self, x: Tensor): return self.norm.decode(x)
     @property
     def name(self) -> str: return "BatchNormalize"
     def __repr__(self): return f"BatchNormalize(mean={self.mean.tolist()}, std={self.std.tolist()})"

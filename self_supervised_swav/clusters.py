@@ -452,11 +452,11 @@ class _ImageFiles(Dataset):
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.)
         return (x[None] if x.ndim == 2 else x.permute(2, 0, 1)).contiguous(), i
 
+from .normalization import InputNormalization
+
 def _normalizer(stats) -> Callable | None:
-    "`(x - mean) / std` per channel for the model's (mean, std) lists; None without stats"
-    if not stats: return None
-    mean, std = (torch.tensor(s, dtype=torch.float32)[None, :, None, None] for s in stats)
-    return lambda x: (x - mean.to(x.device)) / std.to(x.device)
+    "The normalisation of the model's (mean, std) lists, as pretraining applied it; None without stats"
+    return InputNormalization(*stats) if stats else None
 
 # %% ../nbs/08_clusters.ipynb #k033
 def _write_csv(out: Path, root: Path, files: list[Path], res: PrototypeAssignments):

@@ -12,27 +12,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from fastai.callback.core import Callback
 from fastai.torch_core import get_model
 
+from .distributed import all_gather_stack, is_distributed, world_rank
+
 # %% auto #0
-__all__ = ['world_rank', 'all_gather_stack', 'rng_state_tensor', 'set_rng_state_tensor', 'preserved_random_state',
-           'ResizingBuffers', 'attach_state', 'RandomStateHolder', 'TrainedEpochs', 'ResumeRandomState']
-
-# %% ../nbs/01a_resume.ipynb #c006
-def world_rank() -> tuple[int, int]:
-    "(number of processes, this process's rank): (1, 0) without torch.distributed or with a single process"
-    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return (dist.get_world_size(), dist.get_rank()) if on else (1, 0)
-
-def all_gather_stack(t: Tensor) -> Tensor:
-    "Every rank's `t` (same shape on all ranks), stacked along a new first dimension; `t[None]` in a single process"
-    if world_rank()[0] == 1: return t[None]
-    ts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(ts, t.contiguous())
-    return torch.stack(ts)
+__all__ = ['rng_state_tensor', 'set_rng_state_tensor', 'preserved_random_state', 'ResizingBuffers', 'attach_state',
+           'RandomStateHolder', 'TrainedEpochs', 'ResumeRandomState']
 
 # %% ../nbs/01a_resume.ipynb #c009
 def _float_bits(f: float | None) -> list[int]: return [0, 0] if f is None else [1, struct.unpack("<q", struct.pack("<d", f))[0]]
@@ -161,7 +149,7 @@ class RandomStateHolder(ResizingBuffers):
 
     def restore(self, dls=None) -> bool:
         "Put this rank's saved random state back; False, with a warning, if it was saved by another number of processes"
-        (world, rank) = world_rank()
+        world, rank = world_rank() if is_distributed() else (1, 0)   # `save` gathered over the process group
         if self.states.shape[0] != world:
             warnings.warn(f"The checkpoint holds the random state of {self.states.shape[0]} processes, not {world}: "
                           "the crops and shuffling will not retrace the interrupted run.")
