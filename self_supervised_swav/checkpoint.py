@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.torch_core import get_model, rank_distrib
+from fastai.torch_core import get_model
 from fastcore.foundation import L
 
 from . import __version__
+from .checks import first_line
+from .distributed import is_main_process
+from .modelfile import atomic_save
 from .resume import TrainedEpochs
 
 # %% auto #0
@@ -26,20 +29,16 @@ CHECKPOINT_FORMAT = "self_supervised_swav.checkpoint"
 
 def save_checkpoint(
     learn,                          # The `Learner` of the run
-    path: str | os.PathLike,        # File to write (its folder must exist)
+    path: str | os.PathLike,        # File to write (parent folders are created)
     epoch: int,                     # The epoch just finished (0-based)
     n_epoch: int,                   # Epochs of the whole run
     settings: dict | None = None,   # The run's settings (JSON-like), to rebuild the same run
 ) -> Path | None:
     "Write model, optimiser, `epoch` and `settings` to `path` atomically (rank 0 only; None on other ranks)"
-    if rank_distrib(): return None
-    path = Path(path)
+    if not is_main_process(): return None
     state = dict(format=CHECKPOINT_FORMAT, version=__version__, epoch=epoch, n_epoch=n_epoch, settings=settings or {},
                  model=get_model(learn.model).state_dict(), opt=learn.opt.state_dict() if learn.opt is not None else None)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)   # atomic: a reader sees the old file or the new one, never half of one
-    return path
+    return atomic_save(state, path)   # a reader sees the old file or the new one, never half of one
 
 def _safe_globals():
     "What a fastai optimiser state holds besides tensors (fastcore's `L`, numpy scalars), for `torch.load(weights_only=True)`"
@@ -55,7 +54,7 @@ def read_checkpoint(
         with _safe_globals(): ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # truncated, corrupt or foreign files raise many kinds of errors
         raise ValueError(f"{str(path)!r} is not a readable checkpoint (truncated or corrupt? {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120]}): start again, or resume from a copy of the run") from None
+                         f"{first_line(e)}): start again, or resume from a copy of the run") from None
     if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
         raise ValueError(f"{str(path)!r} is not a checkpoint written by self_supervised_swav (save_checkpoint)")
     return ckpt
