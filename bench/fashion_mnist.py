@@ -84,7 +84,7 @@ def build_encoder(args) -> torch.nn.Module:
 
 def apply_auto(args, n_train: int):
     "The settings `swav_pretrain` chooses by default (`suggest_swav_settings`, 10 classes) instead of the hand-tuned ones"
-    from self_supervised_swav.recipe import suggest_swav_settings
+    from self_supervised_swav.suggest import suggest_swav_settings
     suggested = suggest_swav_settings(n_train, args.bs, args.epochs, n_classes=10, opt="adam")
     for name in ("n_protos", "K", "queue_start_pct", "freeze_protos_iters", "lr", "wd", "eps"): setattr(args, name, suggested[name][0])
     args.auto_reasons = {name: suggested[name][1] for name in ("n_protos", "K", "freeze_protos_iters", "lr", "wd", "eps")}
@@ -141,7 +141,7 @@ def main(args):
         results["pretrained_encoder_bn_recalibrated"] = evaluate("(a') BN recalibrated", encoder_features(encoder, x_train, y_train, tfm), y_train,
                                                                  encoder_features(encoder, x_test, y_test, tfm), y_test, args)
     if args.save_encoder:
-        from self_supervised_swav.finetune import save_encoder
+        from self_supervised_swav.modelfile import save_encoder
         save_encoder(encoder, args.save_encoder, arch=args.arch, n_in=1)
     write_results(results, args.out)
     return results

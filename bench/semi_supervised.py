@@ -50,7 +50,8 @@ def finetune(encoder: nn.Module, x, y, x_test, y_test, epochs: int, args, seed: 
     from fastai.torch_core import set_seed
     import fastai.callback.schedule  # noqa: F401  (fit_one_cycle)
     from self_supervised_swav.data import ImageTensorDataset
-    from self_supervised_swav.finetune import InputNormalization, finetune_learner
+    from self_supervised_swav.finetune import finetune_learner
+    from self_supervised_swav.normalization import InputNormalization
 
     augs = train_augs()
     class TrainAugs(Callback):
@@ -81,7 +82,7 @@ def raw_pixels(x, y, x_test, y_test, seed: int) -> dict:
 
 
 def main(args):
-    from self_supervised_swav.finetune import load_encoder
+    from self_supervised_swav.modelfile import load_encoder
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = fm.load_fashion_mnist()
     results = dict(command="python bench/semi_supervised.py " + " ".join(args.argv), settings={k: v for k, v in vars(args).items() if k != "argv"},

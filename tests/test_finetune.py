@@ -11,9 +11,10 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 
 from self_supervised_swav import __version__
 from self_supervised_swav.augmentations import BatchNormalize
-from self_supervised_swav.finetune import (ENCODER_META_KEYS, SWAV_META_KEYS, InputNormalization, check_meta, finetune_learner,
-                                           load_encoder, load_pretrained_encoder, load_swav_model, pretrained_meta, save_encoder,
-                                           save_swav_model, state_dict_mismatch)
+from self_supervised_swav.finetune import finetune_learner
+from self_supervised_swav.modelfile import (ENCODER_META_KEYS, SWAV_META_KEYS, check_meta, load_encoder, load_pretrained_encoder,
+                                            load_swav_model, pretrained_meta, save_encoder, save_swav_model, state_dict_mismatch)
+from self_supervised_swav.normalization import InputNormalization
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 

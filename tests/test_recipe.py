@@ -14,8 +14,11 @@ from fastai.learner import Learner
 
 from conftest import digits_dls
 from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor
-from self_supervised_swav.recipe import (LineProgress, plot_run, run_history, suggest_swav_settings, swav_opt_func,
-                                         swav_optimizer, use_line_progress, warmup_cosine_sched)
+from self_supervised_swav.checks import SettingError
+from self_supervised_swav.plots import plot_run, run_history
+from self_supervised_swav.progress import LineProgress, use_line_progress
+from self_supervised_swav.recipe import swav_opt_func, swav_optimizer, warmup_cosine_sched
+from self_supervised_swav.suggest import suggest_swav_settings
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 
 
@@ -104,8 +107,9 @@ def test_do_wd_false_from_learner_is_respected(tiny_dls):
 @pytest.mark.parametrize("bad,msg", [(dict(opt="lamb"), "opt must be one of"), (dict(momentum=1.0), "momentum must be a number in [0, 1)"),
                                      (dict(wd=-1e-6), "wd must be a number >= 0"), (dict(trust_coeff=0), "trust_coeff must be a positive number")])
 def test_opt_func_bad_values(bad, msg):
-    with pytest.raises(ValueError, match=None) as e: swav_opt_func(**bad)
-    assert msg in str(e.value)
+    "Each bad option is a `SettingError` naming it (what `swav_pretrain --momentum 1.5` prints as one line)"
+    with pytest.raises(SettingError) as e: swav_opt_func(**bad)
+    assert msg in str(e.value) and e.value.param == next(iter(bad))
 
 
 # ---- schedule
@@ -136,9 +140,9 @@ def test_schedule_by_hand():
 
 def test_schedule_bad_values():
     for kw, msg in [(dict(warmup_pct=1.), "warmup_pct must be in [0, 1)"), (dict(final_lr=-1.), "final_lr must be a number >= 0"),
-                    (dict(n_iter=0), "n_iter must be a positive int")]:
-        with pytest.raises(ValueError) as e: warmup_cosine_sched(1., **kw)
-        assert msg in str(e.value)
+                    (dict(n_iter=0), "n_iter must be an int > 0")]:
+        with pytest.raises(SettingError) as e: warmup_cosine_sched(1., **kw)
+        assert msg in str(e.value) and e.value.param == next(iter(kw))
 
 
 class StopAfter(Callback):
@@ -175,8 +179,8 @@ def test_fit_warmup_cosine_lrs_and_resume(tmp_path, opt):
 def test_fit_warmup_cosine_bad_values(tmp_path):
     learn = regression_learner(tmp_path)
     for kw, msg in [(dict(n_epoch=3, warmup_epochs=3), "warmup_epochs must be an int in [0, n_epoch) = [0, 3), got 3"),
-                    (dict(n_epoch=0), "n_epoch must be a positive int"), (dict(n_epoch=2, lr=-1.), "base_lr must be a number >= 0")]:
-        with pytest.raises(ValueError) as e: learn.fit_warmup_cosine(**kw)
+                    (dict(n_epoch=0), "n_epoch must be an int > 0"), (dict(n_epoch=2, lr=-1.), "base_lr must be a number >= 0")]:
+        with pytest.raises(SettingError) as e: learn.fit_warmup_cosine(**kw)
         assert msg in str(e.value)
     with pytest.raises(TypeError, match="lr must be a number"): learn.fit_warmup_cosine(2, lr=slice(1e-3, 1e-2))
 
@@ -229,14 +233,14 @@ def test_settings_tiny_data_is_sensible(n_images, bs, epochs):
 @pytest.mark.parametrize("args,kw,msg", [
     ((10, 64, 5), {}, "global_bs 64 is larger than n_images 10"),
     ((10, 64, 5), {}, "pass global_bs=5 or less"),
-    ((0, 1, 1), {}, "n_images must be a positive int, got 0"),
-    ((100, 1.5, 1), {}, "global_bs must be a positive int, got 1.5"),
-    ((100, 10, -1), {}, "epochs must be a positive int, got -1"),
-    ((100, 10, 1), dict(n_classes=0), "n_classes must be a positive int"),
+    ((0, 1, 1), {}, "n_images must be an int > 0, got 0"),
+    ((100, 1.5, 1), {}, "global_bs must be an int > 0, got 1.5"),
+    ((100, 10, -1), {}, "epochs must be an int > 0, got -1"),
+    ((100, 10, 1), dict(n_classes=0), "n_classes must be an int > 0"),
     ((100, 10, 1), dict(opt="rmsprop"), "opt must be one of"),
 ])
 def test_settings_bad_inputs(args, kw, msg):
-    with pytest.raises(ValueError) as e: suggest_swav_settings(*args, **kw)
+    with pytest.raises(SettingError) as e: suggest_swav_settings(*args, **kw)
     assert msg in str(e.value)
 
 
@@ -280,7 +284,7 @@ def test_plot_run_csv_without_metrics_and_bad_input(tmp_path):
     p.write_text("epoch,train_loss,valid_loss,time\n0,2.3,2.2,00:01\n1,2.0,2.1,00:01\n")
     assert [q.name for q in plot_run(p, tmp_path / "o", n_protos=10)] == ["loss.png"]
     with pytest.raises(ValueError, match="no CSV log at"): plot_run(tmp_path / "nope.csv", tmp_path, 10)
-    with pytest.raises(ValueError, match="n_protos must be a positive int"): plot_run(p, tmp_path, 0)
+    with pytest.raises(ValueError, match="n_protos must be an int > 0"): plot_run(p, tmp_path, 0)
     with pytest.raises(TypeError, match="must be a Learner or the path"): plot_run(42, tmp_path, 10)
     bad = tmp_path / "bad.csv"; bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a CSVLogger history"): plot_run(bad, tmp_path, 10)

@@ -19,11 +19,11 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds `Learner.fit_one_cycle`)
 from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import Learner
-from fastai.torch_core import get_model, rank_distrib
+from fastai.torch_core import get_model
 
 from helpers import tiny_pipelines, tiny_swav_model
 from self_supervised_swav.data import digits_images, image_tensor_dls
-from self_supervised_swav.distributed import is_main_process, n_processes, swav_distrib_ctx
+from self_supervised_swav.distributed import is_main_process, swav_distrib_ctx, world_rank
 from self_supervised_swav.swav import SWAV, swav_codes
 
 
@@ -31,7 +31,7 @@ class RecordRun(Callback):
     "Save this rank's first training step (crops, weights, scores, codes, loss) and its queue at the start of the fit"
     order = 12                                            # after SWAV (9) made the crops and DDP wrapped the model (11)
     def __init__(self, out: Path): self.out, self.done = Path(out), False
-    def _save(self, name: str, obj): torch.save(obj, self.out / f"{name}_rank{rank_distrib()}.pt")
+    def _save(self, name: str, obj): torch.save(obj, self.out / f"{name}_rank{world_rank()[1]}.pt")
     def before_train(self):
         if not self.done: self._save("start_queue", get_model(self.model).queue.embeddings.clone())
     def after_loss(self):
@@ -41,7 +41,7 @@ class RecordRun(Callback):
         codes = swav_codes(scores, bs, swav.crop_assgn_ids, swav.eps, swav.n_sinkh_iter)   # as the loss computed them
         params = {k: v.detach().clone() for k, v in get_model(self.model).named_parameters()}
         self._save("first_step", dict(crops=[c.clone() for c in self.xb[0]], params=params, scores=scores.detach().clone(),
-                                      codes=codes, loss=self.loss.detach().clone(), world=n_processes()))
+                                      codes=codes, loss=self.loss.detach().clone(), world=world_rank()[0]))
         self.done = True
 
 
@@ -71,8 +71,8 @@ def main(argv=None):
     save = SaveModelCallback(every_epoch=True, with_opt=True, fname="swav")
     with swav_distrib_ctx(learn):
         learn.fit_one_cycle(epochs, 1e-2, start_epoch=start_epoch, cbs=save)
-    torch.save(get_model(learn.model).queue.embeddings, out / f"queue_rank{rank_distrib()}.pt")
-    if is_main_process(): print(f"done: {n_processes()} processes, {epochs} epochs, rank 0 of {os.environ.get('WORLD_SIZE', 1)}")
+    torch.save(get_model(learn.model).queue.embeddings, out / f"queue_rank{world_rank()[1]}.pt")
+    if is_main_process(): print(f"done: {world_rank()[0]} processes, {epochs} epochs, rank 0 of {os.environ.get('WORLD_SIZE', 1)}")
 
 
 if __name__ == "__main__": main()
