@@ -22,6 +22,7 @@ from fastai.learner import Learner
 from fastai.torch_core import get_model, set_seed
 
 from self_supervised_swav.data import image_tensor_dls
+from self_supervised_swav.distributed import all_gather_stack, is_distributed, is_main_process, world_rank
 from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes, swav_loss
 from helpers import official_sinkhorn, run_gloo, save_result as _save, tiny_pipelines, tiny_swav_model
 
@@ -31,6 +32,28 @@ REPO = Path(__file__).resolve().parents[1]
 def _unit(*shape) -> torch.Tensor: return F.normalize(torch.randn(*shape), dim=-1)
 
 CROP_IDS = [0, 1]
+
+
+# ---- the run's processes: one notion, from the launcher before the process group starts, from the group after
+
+def _processes_worker(rank, world, out_dir):
+    _save(out_dir, rank, world_rank=world_rank(), distributed=is_distributed(), main=is_main_process(),
+          gathered=all_gather_stack(torch.tensor([rank, 10 * rank])))
+
+
+def test_process_helpers_in_two_processes(tmp_path):
+    r0, r1 = run_gloo(_processes_worker, tmp_path)
+    assert (r0["world_rank"], r1["world_rank"]) == ((2, 0), (2, 1))
+    assert r0["distributed"] and r1["distributed"] and (r0["main"], r1["main"]) == (True, False)
+    for r in (r0, r1): assert torch.equal(r["gathered"], torch.tensor([[0, 0], [1, 10]]))
+
+
+def test_process_helpers_launched_before_the_group(monkeypatch):
+    "torchrun's variables without a process group yet: a rank of the launched run, no collectives"
+    assert (world_rank(), is_distributed(), is_main_process()) == ((1, 0), False, True)
+    monkeypatch.setenv("WORLD_SIZE", "4"); monkeypatch.setenv("RANK", "3")
+    assert (world_rank(), is_distributed(), is_main_process()) == ((4, 3), False, False)
+    assert torch.equal(all_gather_stack(torch.arange(2)), torch.arange(2)[None])
 
 
 # ---- Sinkhorn, codes and loss: 2 processes == 1 process

@@ -11,8 +11,9 @@ import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 
 from self_supervised_swav import __version__
 from self_supervised_swav.augmentations import BatchNormalize
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.finetune import finetune_learner
-from self_supervised_swav.modelfile import (ENCODER_META_KEYS, SWAV_META_KEYS, check_meta, load_encoder, load_pretrained_encoder,
+from self_supervised_swav.modelfile import (ENCODER_META_KEYS, SWAV_META_KEYS, atomic_save, check_meta, load_encoder, load_pretrained_encoder,
                                             load_swav_model, pretrained_meta, save_encoder, save_swav_model, state_dict_mismatch)
 from self_supervised_swav.normalization import InputNormalization
 from self_supervised_swav.layers import create_encoder
@@ -324,3 +325,25 @@ def test_pool_type_is_read_from_the_encoder(arch, pool, tmp_path):
     enc = create_encoder(arch, pretrained=False, n_in=1, pool_type=pool)
     fresh, meta = load_pretrained_encoder(save_encoder(enc, tmp_path / "e.pth"))
     assert meta["pool_type"] == pool and meta["feature_dim"] == fresh(torch.rand(2, 1, 32, 32)).shape[1]
+
+
+def test_argument_errors_are_setting_errors(pre_learn, dls16, tmp_path):
+    "Each bad argument is a `SettingError` naming it, so that a command can print it as one line for its flag"
+    enc = create_encoder("resnet10t", pretrained=False, n_in=1)
+    cases = [(lambda: finetune_learner(dls16, enc), "n_out"),
+             (lambda: pretrained_meta(pre_learn, stats=([0.5, 0.5], [0.2, 0.2])), "stats"),
+             (lambda: pretrained_meta(pre_learn, stats=([0.5], [0.])), "stats"),
+             (lambda: check_meta(pretrained_meta(pre_learn), kind="model"), "kind")]
+    for call, param in cases:
+        with pytest.raises(SettingError) as e: call()
+        assert e.value.param == param, (param, str(e.value))
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_fails(pre_learn, tmp_path):
+    "A save that fails half-way leaves the good file in place and no temporary file: load it as before"
+    path = save_encoder(pre_learn, tmp_path / "encoder.pth")
+    before = path.read_bytes()
+    with pytest.raises(Exception): atomic_save(dict(encoder={}, f=lambda x: x), path)   # torch.save cannot write a lambda
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["encoder.pth"]
+    enc, _ = load_pretrained_encoder(path)
+    assert torch.equal(enc.state_dict()["conv1.0.weight"], pre_learn.model.encoder.state_dict()["conv1.0.weight"].cpu())
