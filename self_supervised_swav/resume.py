@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from fastai.callback.core import Callback
 from fastai.torch_core import get_model
 
+from .checks import SettingError
 from .distributed import all_gather_stack, is_distributed, world_rank
 
 # %% auto #0
@@ -70,7 +71,7 @@ def set_rng_state_tensor(
     n_loaders, parts = _split_parts(t.cpu().tolist())
     loaders = _loaders(dls)
     if dls is not None and len(loaders) != n_loaders:
-        raise ValueError(f"The random state holds {n_loaders} DataLoaders' states but dls has {len(loaders)}: pass the same DataLoaders.")
+        raise SettingError("dls", f"The random state holds {n_loaders} DataLoaders' states but dls has {len(loaders)}: pass the same DataLoaders.")
     torch.set_rng_state(torch.tensor(parts[0], dtype=torch.uint8))
     random.setstate(_py_state(parts[1]))
     keys, rest = parts[2][:624], parts[2][624:]
