@@ -65,6 +65,11 @@ class BatchNormalize(Transform):
     @property
     def name(self) -> str: return "BatchNormalize"
     def __repr__(self): return f"BatchNormalize(mean={self.mean.tolist()}, std={self.std.tolist()})"
+    def __setstate__(self, state: dict):
+        "Unpickle, also a `BatchNormalize` pickled before it held an `InputNormalization` (with `mean` and `std` tensors)"
+        if "norm" not in state and "mean" in state:
+            state = {k: v for k, v in state.items() if k not in ("mean", "std")} | dict(norm=InputNormalization(state["mean"], state["std"]))
+        self.__dict__.update(state)
 
 # %% ../nbs/01_augmentations.ipynb #c012
 def _blur_kernel_size(sigma_max: float, size: int) -> int:
