@@ -609,3 +609,41 @@ def test_encoder_that_cannot_take_a_crop_size_fails_before_training(tiny_dls):
     assert "\n" not in str(e.value).split("\n", 1)[-1] and int(learn.model.swav_iters) == 0 and learn.loss_func is orig
     learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 12)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
     learn.fit(1, cbs=StopAtStart())                                   # 12 px is fine
+
+
+# ---------------------------------------------------------------- the loss of `fit` is the official formula with the callback's settings
+class RecordLoss(Callback):
+    "Records, for every training batch, what the official formula needs: the scores, the queue the loss saw, and fit's loss"
+    order = 20   # after SWAV (9): the batch is its crops
+    def __init__(self): self.rows = []
+    def after_pred(self):
+        if not self.training: return
+        m, cb = self.learn.model, self.learn.swav
+        in_use = cb.K is not None and m.queue.full and self.learn.pct_train >= cb.queue_start_pct
+        self.rows.append(dict(scores=self.learn.pred[1].detach().clone(), bs=len(self.learn.yb[0]),
+                              queue=(m.queue.embeddings @ m.prototypes.weight.detach().t()).clone() if in_use else None))
+    def after_loss(self):
+        if self.training: self.rows[-1]["loss"] = self.learn.loss.detach().clone()
+
+
+SETTINGS = [dict(), dict(temp=0.3), dict(eps=0.1), dict(n_sinkh_iter=1), dict(crop_assgn_ids=[2, 3]), dict(crop_assgn_ids=[0, 3])]
+
+
+@pytest.mark.parametrize("K", [None, 64])
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_loss_in_fit_is_the_official_formula_with_the_callbacks_settings(tiny_dls, K, kw):
+    "Every training loss of `fit` equals `official_swav_loss` computed with SWAV's temp, eps, n_sinkh_iter, crop_assgn_ids and queue"
+    kw = dict(crop_assgn_ids=[0, 1]) | kw
+    ids, temp, eps, n_iters = kw["crop_assgn_ids"], kw.get("temp", 0.1), kw.get("eps", 0.05), kw.get("n_sinkh_iter", 3)
+    rec = RecordLoss()
+    cb = SWAV(tiny_pipes(), K=K, queue_start_pct=0.0, freeze_protos_iters=0, **kw)
+    Learner(tiny_dls, tiny_model(), cbs=[cb, rec]).fit(2)
+    n_crops = 4
+    assert len(rec.rows) == 10 and (K is None or sum(r["queue"] is not None for r in rec.rows) >= 7)   # the queue took part
+    for r in rec.rows:
+        ref = ref_loss(r["scores"], r["bs"], ids, n_crops, eps=eps, temp=temp, n_iters=n_iters, queue_out=r["queue"])
+        torch.testing.assert_close(r["loss"], ref, atol=1e-5, rtol=1e-4)
+    if kw != dict(crop_assgn_ids=[0, 1]):   # the test can tell: the defaults give another loss
+        r = rec.rows[-1]
+        default = ref_loss(r["scores"], r["bs"], [0, 1], n_crops, queue_out=r["queue"] if ids == [0, 1] else None)
+        assert (r["loss"] - default).abs() > 1e-4
