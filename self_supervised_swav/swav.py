@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from fastai.callback.core import Callback, CancelBatchException, GatherPredsCallback
 from fastai.data.core import Pipeline
 from fastai.torch_core import get_model
+from fastcore.basics import patch
 
 from .augmentations import MultiCrop, get_batch_augs, show_crops
 from .checks import SettingError, check_choice, check_in_range, check_nonnegative, check_positive, check_same_length
@@ -197,6 +198,7 @@ def check_queue_length(
         raise SettingError("K", f"K={K} (queue length) is larger than the training set ({n} images per process): the queue "
                                 f"would hold the same image twice. Use K <= {n}, or no queue (K=None; swav_pretrain --K 0).")
 
+# %% ../nbs/02_swav.ipynb #c033c
 def _local_bs(dl) -> int:
     "Images per training step in this process (0 if unknown): a fastai DataLoader's `bs`, or torch's `batch_size`"
     return getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0
@@ -242,6 +244,16 @@ def _warn_few_images(bs: int, n_protos: int):
                       f"n_protos <= {bs} (create_swav_model, or swav_pretrain --n_protos), a larger batch, or a queue "
                       "(K, as the paper does with small batches).")
 
+def _check_fit(model: nn.Module, augs: MultiCrop, crop_assgn_ids, K: int | None, dl) -> list[int]:
+    "Checks of a fit that need the model and the data (the pipelines may have changed since `SWAV` was built); the crop ids"
+    ids = _check_crop_assgn_ids(crop_assgn_ids, len(augs))
+    _check_batch_size(_local_bs(dl)); _check_encoder_sizes(model, augs.crop_sizes)
+    if K is not None: check_queue_length(K, len(dl.dataset))
+    else: _warn_few_images(_global_bs(dl), model.prototypes.out_features)
+    _warn_short_queue(K, _global_bs(dl)); _warn_small_assignment_crops(augs.crop_sizes, ids)
+    return ids
+
+# %% ../nbs/02_swav.ipynb #c033d
 @torch.no_grad()
 def normalize_prototypes(prototypes: nn.Linear):
     "Rescale every prototype (row of the weight) to unit norm, in place (official code, before every step)"
@@ -301,15 +313,6 @@ def _skip_single_image(learn):
         raise CancelBatchException()
 
 # %% ../nbs/02_swav.ipynb #c034
-def _check_fit(model: nn.Module, augs: MultiCrop, crop_assgn_ids, K: int | None, dl) -> list[int]:
-    "Checks of a fit that need the model and the data (the pipelines may have changed since `SWAV` was built); the crop ids"
-    ids = _check_crop_assgn_ids(crop_assgn_ids, len(augs))
-    _check_batch_size(_local_bs(dl)); _check_encoder_sizes(model, augs.crop_sizes)
-    if K is not None: check_queue_length(K, len(dl.dataset))
-    else: _warn_few_images(_global_bs(dl), model.prototypes.out_features)
-    _warn_short_queue(K, _global_bs(dl)); _warn_small_assignment_crops(augs.crop_sizes, ids)
-    return ids
-
 class SWAV(Callback):
     "SwAV self-supervised pretraining: multi-crop views, Sinkhorn codes, swapped prediction and a queue"
     order, run_valid = 9, True   # before MixedPrecision (10): crops made in fp32, prototype grads cancelled before its step
@@ -349,18 +352,6 @@ class SWAV(Callback):
     def swav_model(self) -> nn.Module:
         "The model holding prototypes and state modules (unwrapped from DDP/DataParallel)"
         return get_model(self.learn.model)
-    @property
-    def queue(self) -> Tensor | None:
-        "The queues, `[len(crop_assgn_ids), K, projection_size]`, newest first; None without a queue"
-        return self.swav_model.queue.embeddings if self.K is not None else None
-    @property
-    def queue_filled(self) -> int:
-        "How many entries of each queue are filled (at most `K`)"
-        return self.swav_model.queue.n_filled
-    def reset_queue(self):
-        "Empty the model's queue (a checkpoint's included), shaped `[len(crop_assgn_ids), K, projection_size]` for this callback"
-        m = self.swav_model
-        m.queue.reset((len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features))
 
     # ---- events
     def after_create(self):
@@ -379,51 +370,80 @@ class SWAV(Callback):
     def after_batch(self):
         if self.training and len(self.yb): self.swav_model.swav_iters.step()   # (a skipped batch has no yb)
 
-    # ---- wiring
-    def _attach_state(self):
-        "The model's queue and iteration counter; with `resume_rng`, the `ResumeRandomState` keeping its random state"
-        attach_swav_state(self.swav_model)
-        if self.resume_rng and not any(isinstance(cb, ResumeRandomState) for cb in self.learn.cbs):
-            self.learn.add_cb(ResumeRandomState())
-            self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
+# %% ../nbs/02_swav.ipynb #c034r
+@patch(as_prop=True)
+def queue(self: SWAV) -> Tensor | None:
+    "The queues, `[len(crop_assgn_ids), K, projection_size]`, newest first; None without a queue"
+    return self.swav_model.queue.embeddings if self.K is not None else None
 
-    def _prepare_fit(self):
-        "The checks of a training fit and the queue shaped for it (get_preds needs neither)"
-        if _predicting(self.learn): return
-        m = self.swav_model
-        self.crop_assgn_ids = _check_fit(m, self.augs, self.crop_assgn_ids, self.K, self.dls.train)
-        m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
-        if self.print_augs: print(*self.augs, sep="\n")
+@patch(as_prop=True)
+def queue_filled(self: SWAV) -> int:
+    "How many entries of each queue are filled (at most `K`)"
+    return self.swav_model.queue.n_filled
 
-    def _swap_loss_func(self):
-        if self.learn.loss_func is not self._loss_func: self._old_loss_func = self.learn.loss_func
-        self.learn.loss_func = self._loss_func
-    def _restore_loss_func(self):
-        if self._old_loss_func is not None and self.learn.loss_func is self._loss_func: self.learn.loss_func = self._old_loss_func
+@patch
+def reset_queue(self: SWAV):
+    "Empty the model's queue (a checkpoint's included), shaped `[len(crop_assgn_ids), K, projection_size]` for this callback"
+    m = self.swav_model
+    m.queue.reset((len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features))
 
-    def _crops_batch(self):
-        "The batch replaced by its crops (a placeholder target if it has none); a batch of one training image skipped"
-        _skip_single_image(self.learn)
-        normalize_prototypes(self.swav_model.prototypes)
-        self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
+# %% ../nbs/02_swav.ipynb #c034w
+@patch
+def _attach_state(self: SWAV):
+    "The model's queue and iteration counter; with `resume_rng`, the `ResumeRandomState` keeping its random state"
+    attach_swav_state(self.swav_model)
+    if self.resume_rng and not any(isinstance(cb, ResumeRandomState) for cb in self.learn.cbs):
+        self.learn.add_cb(ResumeRandomState())
+        self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
 
-    def _queue_filling(self) -> bool:
-        "The queue takes new embeddings: training, past `queue_start_pct`"
-        return self.K is not None and self.training and self.learn.pct_train >= self.queue_start_pct
-    def _queue_in_use(self) -> bool:
-        "The queue enters Sinkhorn: past `queue_start_pct` and full"
-        return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
+@patch
+def _prepare_fit(self: SWAV):
+    "The checks of a training fit and the queue shaped for it (get_preds needs neither)"
+    if _predicting(self.learn): return
+    m = self.swav_model
+    self.crop_assgn_ids = _check_fit(m, self.augs, self.crop_assgn_ids, self.K, self.dls.train)
+    m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
+    if self.print_augs: print(*self.augs, sep="\n")
 
-    def _swav_loss(self, pred, *yb) -> Tensor:
-        "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training (none on whole images: get_preds)"
-        if _predicting(self.learn): return pred[1].new_zeros(())
-        embedding, scores, bs = _unpack_pred(pred, len(self.augs))
-        m = self.swav_model
-        queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
-        codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
-        if self._queue_filling(): m.queue.push(_rows(embedding.view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids))
-        return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
+@patch
+def _swap_loss_func(self: SWAV):
+    if self.learn.loss_func is not self._loss_func: self._old_loss_func = self.learn.loss_func
+    self.learn.loss_func = self._loss_func
 
-    def show(self, n: int = 1):
-        "Show `n` images of a training batch, each with all its crops, decoded"
-        return show_crops(self.dls.train.one_batch()[0][:n], self.augs)
+@patch
+def _restore_loss_func(self: SWAV):
+    if self._old_loss_func is not None and self.learn.loss_func is self._loss_func: self.learn.loss_func = self._old_loss_func
+
+@patch
+def _crops_batch(self: SWAV):
+    "The batch replaced by its crops (a placeholder target if it has none); a batch of one training image skipped"
+    _skip_single_image(self.learn)
+    normalize_prototypes(self.swav_model.prototypes)
+    self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
+
+# %% ../nbs/02_swav.ipynb #c034l
+@patch
+def _queue_filling(self: SWAV) -> bool:
+    "The queue takes new embeddings: training, past `queue_start_pct`"
+    return self.K is not None and self.training and self.learn.pct_train >= self.queue_start_pct
+
+@patch
+def _queue_in_use(self: SWAV) -> bool:
+    "The queue enters Sinkhorn: past `queue_start_pct` and full"
+    return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
+
+@patch
+def _swav_loss(self: SWAV, pred, *yb) -> Tensor:
+    "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training (none on whole images: get_preds)"
+    if _predicting(self.learn): return pred[1].new_zeros(())
+    embedding, scores, bs = _unpack_pred(pred, len(self.augs))
+    m = self.swav_model
+    queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
+    codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
+    if self._queue_filling(): m.queue.push(_rows(embedding.view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids))
+    return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
+
+@patch
+def show(self: SWAV, n: int = 1):
+    "Show `n` images of a training batch, each with all its crops, decoded"
+    return show_crops(self.dls.train.one_batch()[0][:n], self.augs)
