@@ -16,7 +16,7 @@ from self_supervised_swav.layers import create_encoder, create_fastai_encoder
 from self_supervised_swav.augmentations import MultiCrop
 from self_supervised_swav.swav import (SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp,
                                         swav_codes, swav_loss)
-from helpers import official_sinkhorn as ref_sinkhorn, official_swav_loss as ref_loss
+from helpers import official_sinkhorn as ref_sinkhorn, official_swav_loss as ref_loss, tiny_pipelines as tiny_pipes, tiny_swav_model
 
 
 def cosine_scores(n, k, d=16, seed=0):
@@ -131,14 +131,9 @@ def test_identical_views_lower_loss():
 
 
 # ---------------------------------------------------------------- the callback: helpers
-def tiny_model(n_in=1, n_protos=20):
-    enc = nn.Sequential(nn.Conv2d(n_in, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return create_swav_model(enc, hidden_size=32, projection_size=16, n_protos=n_protos)
-
-
-def tiny_pipes(num_crops=(2, 2), sizes=(16, 8)):
-    return get_swav_aug_pipelines(num_crops=list(num_crops), crop_sizes=list(sizes), min_scales=[0.3, 0.1],
-                                  max_scales=[1.0, 0.4], stats=None, jitter=False, bw=False, blur=False)
+def tiny_model(n_protos: int = 20) -> nn.Module:
+    "`helpers.tiny_swav_model` with 20 prototypes (fewer than the 32 images of a batch)"
+    return tiny_swav_model(n_protos=n_protos)
 
 
 class Spy(Callback):
