@@ -79,7 +79,7 @@ _FASTAI_RESERVED = dict(pretrained="use the pretrained argument", c_in="use n_in
 def _check_reserved(arch: str, kwargs: dict, reserved: dict):
     "A `SettingError` for an option in `kwargs` that `create_encoder` sets itself"
     for k in kwargs:
-        if k in reserved: raise SettingError(k, f"{arch}: create_encoder sets {k} itself, so the option {k}={kwargs[k]!r} is refused; {reserved[k]}.")
+        if k in reserved: raise SettingError("arch_kwargs", f"{arch}: create_encoder sets {k} itself, so the option {k}={kwargs[k]!r} is refused; {reserved[k]}.")
 
 def _unexpected_kwarg(e: TypeError, kwargs: dict) -> str | None:
     "The option of `kwargs` that a constructor's `TypeError` says it does not take, or None"
@@ -90,7 +90,7 @@ def _option_error(arch: str, e: TypeError, kwargs: dict) -> SettingError | None:
     "A `SettingError` naming the option in `kwargs` that `arch` does not take, or None if `e` is about something else"
     bad = _unexpected_kwarg(e, kwargs)
     if bad is None: return None
-    return SettingError(bad, f"{arch} does not take the option {bad}={kwargs[bad]!r} ({e}); "
+    return SettingError("arch_kwargs", f"{arch} does not take the option {bad}={kwargs[bad]!r} ({e}); "
                      "remove it from the options given to create_encoder (--arch_kwargs on the command line).")
 
 # %% ../nbs/00_layers.ipynb #c012
