@@ -29,12 +29,8 @@ def official_sinkhorn_in_dtype(
         Q /= Q.sum(dim=0, keepdim=True); Q /= B
     return (Q * B).t()
 
-def official_sinkhorn(
-    out: Tensor,        # Prototype scores [B, n_protos]
-    eps: float = 0.05,  # Entropy regularisation epsilon
-    n_iters: int = 3,   # Sinkhorn iterations
-) -> Tensor:
-    "`official_sinkhorn_in_dtype` in float64 (no overflow at small `eps`); codes [B, n_protos] in float64"
+def official_sinkhorn(out: Tensor, eps: float = 0.05, n_iters: int = 3) -> Tensor:
+    "`official_sinkhorn_in_dtype` (same arguments) in float64, where small `eps` does not overflow; codes [B, n_protos] in float64"
     return official_sinkhorn_in_dtype(out.double(), eps, n_iters)
 
 # %% ../nbs/02a_reference.ipynb #r010
