@@ -15,7 +15,7 @@ from fastai.data.core import Pipeline, Transform
 from fastai.torch_core import show_image
 from fastai.vision.core import imagenet_stats
 
-from .checks import SettingError, check_in_range, check_pair, check_positive
+from .checks import SettingError, check_in_range, check_nonnegative, check_pair, check_positive
 
 # %% auto #0
 __all__ = ['KorniaTfm', 'BatchNormalize', 'paper_blur_sigma', 'shift_hue', 'FastColorJitter', 'get_batch_augs',
@@ -130,6 +130,8 @@ def get_batch_augs(
     check_positive("size", size, integer=True)
     resize_scale, resize_ratio = check_pair("resize_scale", resize_scale, 0, 1), check_pair("resize_ratio", resize_ratio, 0, math.inf)
     for name, p in dict(flip_p=flip_p, rotate_p=rotate_p, jitter_p=jitter_p, bw_p=bw_p, blur_p=blur_p).items(): check_in_range(name, p)
+    check_in_range("jitter_s", jitter_s, 0, 2.5)   # the hue shift 0.2*s must stay within kornia's [0, 0.5]
+    check_nonnegative("rotate_deg", rotate_deg)
     sigma = check_pair("blur_s", paper_blur_sigma(size) if blur_s is None else tuple(blur_s), 0, math.inf)
     tfms = [KorniaTfm(korniatfm.RandomResizedCrop((size, size), scale=tuple(resize_scale), ratio=tuple(resize_ratio),
                                                   same_on_batch=same_on_batch, cropping_mode="resample")),
@@ -150,15 +152,15 @@ def assert_aug_pipelines(
 ):
     "Check that `aug_pipelines` is a non-empty list of fastai `Pipeline`s with `split_idx=0`"
     if isinstance(aug_pipelines, Pipeline) or not isinstance(aug_pipelines, (list, tuple)):
-        raise TypeError(f"aug_pipelines must be a list of fastai Pipelines (one per crop), got {type(aug_pipelines).__name__}: "
-                        "build them with get_swav_aug_pipelines or get_multi_aug_pipelines.")
-    if len(aug_pipelines) == 0: raise ValueError("aug_pipelines is empty: pass one Pipeline per crop.")
+        raise SettingError("aug_pipelines", f"aug_pipelines must be a list of fastai Pipelines (one per crop), got {type(aug_pipelines).__name__}: "
+                                            "build them with get_swav_aug_pipelines or get_multi_aug_pipelines.")
+    if len(aug_pipelines) == 0: raise SettingError("aug_pipelines", "aug_pipelines is empty: pass one Pipeline per crop.")
     for i, p in enumerate(aug_pipelines):
         if not isinstance(p, Pipeline):
-            raise TypeError(f"aug_pipelines[{i}] must be a fastai Pipeline, got {type(p).__name__}.")
+            raise SettingError("aug_pipelines", f"aug_pipelines[{i}] must be a fastai Pipeline, got {type(p).__name__}: build it with get_batch_augs.")
         if p.split_idx != 0:
-            raise ValueError(f"aug_pipelines[{i}] has split_idx={p.split_idx}: build it with Pipeline(..., split_idx=0) "
-                             "(get_batch_augs does) so its transforms run on the training split.")
+            raise SettingError("aug_pipelines", f"aug_pipelines[{i}] has split_idx={p.split_idx}: build it with Pipeline(..., split_idx=0) "
+                                                "(get_batch_augs does) so its transforms run on the training split.")
 
 # %% ../nbs/01_augmentations.ipynb #c021c
 def resized_crops(
@@ -223,8 +225,8 @@ class MultiCrop(list):
     def group_ranges(self) -> list[tuple[int, int]]:
         "(start, end) crop indices of each group"
         if sum(self.groups) != len(self):
-            raise ValueError(f"This MultiCrop holds {len(self)} pipelines but its groups {self.groups} cover {sum(self.groups)}: "
-                             "build a new MultiCrop(pipelines, groups) instead of editing the list in place.")
+            raise SettingError("groups", f"This MultiCrop holds {len(self)} pipelines but its groups {self.groups} cover {sum(self.groups)}: "
+                                         "build a new MultiCrop(pipelines, groups) instead of editing the list in place.")
         ends = [sum(self.groups[:i + 1]) for i in range(len(self.groups))]
         return list(zip([0] + ends[:-1], ends))
 
@@ -250,6 +252,7 @@ class MultiCrop(list):
         "`crops` with each pipeline's normalisation undone, for display"
         return [p.decode(c) for p, c in zip(self, crops)]
 
+# %% ../nbs/01_augmentations.ipynb #c022h
 def get_multi_aug_pipelines(
     n: int,      # Number of pipelines (crops)
     size: int,   # Crop size for all of them
@@ -260,6 +263,7 @@ def get_multi_aug_pipelines(
     pipes = [get_batch_augs(size, **kwargs) for _ in range(n)]
     return MultiCrop(pipes, groups=None if kwargs.get("same_on_batch") else [n])
 
+# %% ../nbs/01_augmentations.ipynb #c022j
 def show_crops(
     x: Tensor,               # Images [n, C, H, W] in [0, 1]
     multi_crop: MultiCrop,   # Their crops' pipelines

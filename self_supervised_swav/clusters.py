@@ -33,8 +33,9 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
 # %% auto #0
 __all__ = ['embed_images', 'balanced_assign', 'PrototypeAssignments', 'prototype_assignments', 'assign_prototypes',
-           'ClusterStats', 'near_duplicate_prototypes', 'cluster_stats', 'show_prototypes', 'show_feature_map',
-           'Neighbours', 'nearest_images', 'swav_cluster', 'cluster_parser', 'main']
+           'ClusterStats', 'near_duplicate_prototypes', 'cluster_stats', 'show_prototypes', 'show_dl_prototypes',
+           'show_learner_prototypes', 'show_feature_map', 'Neighbours', 'nearest_images', 'swav_cluster',
+           'cluster_parser', 'main']
 
 # %% ../nbs/08_clusters.ipynb #k006
 class _Embedder(nn.Module):
@@ -315,6 +316,54 @@ def show_prototypes(
         axs[r, 0].set_title(f"prototype {p}: {int(sizes[p])} image{'s' if sizes[p] != 1 else ''}", loc="left", fontsize=9)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/08_clusters.ipynb #k023b
+from fastai.torch_core import get_model
+from .checks import SettingError, check_positive
+from .evaluation import pipeline_normalization
+
+def _images_of(dl: Iterable, max_images: int) -> Tensor:
+    "The first `max_images` images of `dl`, in order (a fastai DataLoader unshuffled), on the CPU"
+    xs, n = [], 0
+    for b in (dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl):
+        xs.append(b[0].as_subclass(Tensor).cpu()); n += len(xs[-1])
+        if n >= max_images: break
+    if not xs: raise SettingError("dl", "dl yielded no images: pass a DataLoader of (images, ...) batches.")
+    return torch.cat(xs)[:max_images]
+
+class _OneCrop(nn.Module):
+    "A SwAV model called on whole images as one crop, `model([x])`: the input every SwAV model takes (`SwAVModel` and hand-made)"
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.prototypes = model, model.prototypes
+        self.train(model.training)
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]: return self.model([x])
+
+def show_dl_prototypes(
+    model: nn.Module,          # A SwAV model
+    dl: Iterable,              # Batches `(images, ...)` of images in [0, 1]
+    augs: Sequence,            # The pretraining pipelines (a `MultiCrop`): their normalisation is applied before the model
+    n_rows: int = 8,           # Prototypes shown (the largest)
+    n_images: int = 8,         # Images per prototype, the highest-scoring first
+    max_images: int = 2048,    # Images of `dl` assigned and shown: the first ones
+    **kwargs,                  # Passed to `show_prototypes` (`protos`, `scale`)
+):
+    "`show_prototypes` of the first images of `dl`, assigned on the whole images with the pipelines' normalisation"
+    images = _images_of(dl, check_positive("max_images", max_images, integer=True))
+    res = assign_prototypes(_OneCrop(model), images, tfm=pipeline_normalization(augs))
+    return show_prototypes(res, images, n_rows=n_rows, n_images=n_images, **kwargs)
+
+def show_learner_prototypes(
+    learn,                     # A `Learner` with the `SWAV` callback
+    dl: Iterable | None = None, # Batches of images; None: the validation set
+    n_rows: int = 8,           # Prototypes shown (the largest)
+    n_images: int = 8,         # Images per prototype, the highest-scoring first
+    **kwargs,                  # Passed to `show_dl_prototypes` (`max_images`, `protos`, `scale`)
+):
+    "Gallery of the `n_rows` largest prototypes of `learn`'s model and their top `n_images` images of `dl`"
+    swav = getattr(learn, "swav", None)
+    if swav is None: raise SettingError("learn", "learn has no SWAV callback: pass Learner(..., cbs=SWAV(...)), or call show_dl_prototypes(model, dl, augs).")
+    return show_dl_prototypes(get_model(learn.model), dl if dl is not None else learn.dls.valid, swav.augs, n_rows, n_images, **kwargs)
 
 # %% ../nbs/08_clusters.ipynb #k025
 def _embed_2d(f: np.ndarray, method: str, seed: int) -> np.ndarray:

@@ -19,6 +19,7 @@ from fastai.learner import ValueMetric
 from fastai.torch_core import get_model
 
 from .augmentations import BatchNormalize
+from .checks import SettingError, check_positive
 from .resume import preserved_random_state
 
 # %% auto #0
@@ -57,10 +58,10 @@ def extract_features(
             x = b[0].as_subclass(Tensor).to(dev)
             if tfm is not None: x = tfm(x)
             f = encoder(x).float()
-            if f.ndim != 2: raise ValueError(f"The encoder must return flat features [batch, dim], got shape {tuple(f.shape)}.")
+            if f.ndim != 2: raise SettingError("encoder", f"The encoder must return flat features [batch, dim], got shape {tuple(f.shape)}: end it with pooling and flattening (see create_encoder).")
             feats.append(F.normalize(f, dim=1) if normalize else f)
             if len(b) > 1: labels.append(b[1].as_subclass(Tensor).to(dev).long())
-    if not feats: raise ValueError("dl yielded no batches: it is empty, or drops its only partial batch.")
+    if not feats: raise SettingError("dl", "dl yielded no batches: it is empty, or drops its only partial batch (pass drop_last=False or more images).")
     return torch.cat(feats), (torch.cat(labels) if labels else None)
 
 # %% ../nbs/04_evaluation.ipynb #c011
@@ -69,7 +70,7 @@ def pipeline_normalization(
 ) -> Pipeline | None:
     "The `BatchNormalize` steps of an augmentation pipeline, as a `Pipeline`; None if it has none"
     pipe = aug_pipelines[0] if isinstance(aug_pipelines, (list, tuple)) else aug_pipelines
-    if not isinstance(pipe, Pipeline): raise TypeError(f"aug_pipelines must be a fastai Pipeline or a list of them, got {type(pipe).__name__}")
+    if not isinstance(pipe, Pipeline): raise SettingError("aug_pipelines", f"aug_pipelines must be a fastai Pipeline or a list of them, got {type(pipe).__name__}: pass learn.swav.augs or get_swav_aug_pipelines(...).")
     norms = [t for t in pipe.fs if isinstance(t, BatchNormalize)]
     return Pipeline(norms) if norms else None
 
@@ -102,7 +103,7 @@ def recalibrate_bn(
                 encoder(tfm(x) if tfm is not None else x); n += 1
         finally:
             for m, mom in zip(bns, momenta): m.momentum = mom
-    if n == 0: raise ValueError("dl yielded no batches of 2 images or more (BatchNorm in training mode needs two): the BatchNorm "
+    if n == 0: raise SettingError("dl", "dl yielded no batches of 2 images or more (BatchNorm in training mode needs two): the BatchNorm "
                                 "statistics were reset and not recomputed; pass a DataLoader of at least 2 images.")
     return encoder
 
@@ -118,10 +119,9 @@ def knn_predict(
     chunk_size: int = 1024,   # Queries per similarity matrix
 ) -> Tensor:
     "Predicted labels [Nq] of the queries: the classes with the largest sum of exp(similarity/temp) over the k nearest bank features"
-    if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
-    if not temp > 0: raise ValueError(f"temp must be positive, got {temp!r}")
-    if len(bank) != len(bank_labels): raise ValueError(f"bank has {len(bank)} features but bank_labels has {len(bank_labels)} labels")
-    if len(bank) == 0: raise ValueError("bank is empty: kNN needs labelled features to vote")
+    check_positive("k", k, integer=True); check_positive("temp", temp)
+    if len(bank) != len(bank_labels): raise SettingError("bank_labels", f"bank has {len(bank)} features but bank_labels has {len(bank_labels)} labels: pass one label per feature")
+    if len(bank) == 0: raise SettingError("bank", "bank is empty: kNN needs labelled features to vote")
     k = min(k, len(bank))
     bank_labels = bank_labels.to(bank.device).long()
     preds = []
@@ -145,7 +145,7 @@ def knn_accuracy(
     "Weighted kNN top-1 accuracy (Wu et al. 2018) of `valid_dl` against `train_dl`, on L2-normalised features"
     bank, bank_y = extract_features(encoder, train_dl, tfm=tfm)
     query, query_y = extract_features(encoder, valid_dl, tfm=tfm)
-    if bank_y is None or query_y is None: raise ValueError("knn_accuracy needs labelled batches (images, labels) in train_dl and valid_dl")
+    if bank_y is None or query_y is None: raise SettingError("train_dl", "knn_accuracy needs labelled batches (images, labels) in train_dl and valid_dl")
     return features_knn_accuracy(bank, bank_y, query, query_y, k=k, temp=temp, chunk_size=chunk_size)
 
 def features_knn_accuracy(
@@ -169,8 +169,8 @@ def linear_probe_accuracy(
     seed: int = 0,           # Seed of the initialisation and the shuffling
 ) -> float:
     "Top-1 accuracy of a linear classifier trained on standardised frozen features"
-    if not isinstance(epochs, int) or epochs < 1: raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if len(train_feats) != len(train_labels): raise ValueError(f"train_feats has {len(train_feats)} rows but train_labels has {len(train_labels)}")
+    check_positive("epochs", epochs, integer=True)
+    if len(train_feats) != len(train_labels): raise SettingError("train_labels", f"train_feats has {len(train_feats)} rows but train_labels has {len(train_labels)}")
     g = torch.Generator().manual_seed(seed)
     dev = train_feats.device
     mean, std = train_feats.mean(0), train_feats.std(0).clamp_min(1e-6)
@@ -205,9 +205,7 @@ class KNNMonitor(Callback):
         metric_name: str = "knn_top1",     # Column name in the table
         recalibrate_bn: bool = False,      # Evaluate a copy of the encoder with BatchNorm statistics of `train_dl`'s whole images
     ):
-        if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
-        if not temp > 0: raise ValueError(f"temp must be positive, got {temp!r}")
-        if not isinstance(every, int) or every < 1: raise ValueError(f"every must be a positive int, got {every!r}")
+        check_positive("k", k, integer=True); check_positive("temp", temp); check_positive("every", every, integer=True)
         self.train_dl, self.valid_dl, self.k, self.temp, self.tfm = train_dl, valid_dl, k, temp, tfm
         self.get_encoder, self.every, self.metric_name, self.recalibrate_bn = get_encoder, every, metric_name, recalibrate_bn
         self.value, self.values = None, []
@@ -230,7 +228,7 @@ class KNNMonitor(Callback):
         "The encoder being pretrained"
         model = get_model(self.learn.model)
         if self.get_encoder is not None: return self.get_encoder(model)
-        if not hasattr(model, "encoder"): raise TypeError("KNNMonitor needs a model with an `encoder` attribute, or get_encoder=...")
+        if not hasattr(model, "encoder"): raise SettingError("get_encoder", "KNNMonitor needs a model with an `encoder` attribute, or get_encoder=... (a function from the model to its encoder)")
         return model.encoder
 
     def _tfm(self) -> Callable | None:
@@ -248,7 +246,7 @@ class KNNMonitor(Callback):
 class PrototypeUsage:
     "Accumulates hard-assignment counts and mean soft assignment of prototype scores over batches"
     def __init__(self, temp: float = 0.1):   # Softmax temperature of the soft assignments (the SwAV temperature)
-        if not temp > 0: raise ValueError(f"temp must be positive, got {temp!r}")
+        check_positive("temp", temp)
         self.temp = temp
         self.reset()
     def reset(self): self.counts, self.soft_sum, self.n = None, None, 0

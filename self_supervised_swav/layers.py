@@ -19,6 +19,8 @@ from fastai.torch_core import params
 from fastai.vision.learner import create_body
 import fastai.vision.models.xresnet as fastai_xresnet
 
+from .checks import SettingError, check_positive, first_line
+
 # %% auto #0
 __all__ = ['PoolingType', 'create_timm_encoder', 'create_fastai_encoder', 'create_encoder', 'encoder_feature_dim',
            'min_input_size', 'check_encoder_input_size', 'create_mlp_module', 'create_cls_module', 'create_model',
@@ -63,10 +65,10 @@ def _fastai_archs() -> dict[str, Callable]:
             if n.startswith(("xresnet", "xse_resnet", "xresnext", "xsenet")) and callable(getattr(fastai_xresnet, n))}
 
 def _check_timm_name(arch: str):
-    "Raise a helpful `ValueError` if `arch` is not a timm model name"
+    "A helpful `SettingError` if `arch` is not a timm model name"
     if timm.is_model(arch): return
-    raise ValueError(f"arch={arch!r} is neither a timm model nor a fastai architecture."
-                     + _suggest(arch, timm.list_models() + list(_fastai_archs())))
+    raise SettingError("arch", f"arch={arch!r} is neither a timm model nor a fastai architecture."
+                               + _suggest(arch, timm.list_models() + list(_fastai_archs())))
 
 # Options `create_encoder` sets itself, with what to use instead
 _TIMM_RESERVED = dict(pretrained="use the pretrained argument", in_chans="use n_in", global_pool="use pool_type",
@@ -75,20 +77,20 @@ _FASTAI_RESERVED = dict(pretrained="use the pretrained argument", c_in="use n_in
                         n_out="an encoder has no head (build one with create_cls_module)")
 
 def _check_reserved(arch: str, kwargs: dict, reserved: dict):
-    "Raise a `TypeError` for an option in `kwargs` that `create_encoder` sets itself"
+    "A `SettingError` for an option in `kwargs` that `create_encoder` sets itself"
     for k in kwargs:
-        if k in reserved: raise TypeError(f"{arch}: create_encoder sets {k} itself, so the option {k}={kwargs[k]!r} is refused; {reserved[k]}.")
+        if k in reserved: raise SettingError("arch_kwargs", f"{arch}: create_encoder sets {k} itself, so the option {k}={kwargs[k]!r} is refused; {reserved[k]}.")
 
 def _unexpected_kwarg(e: TypeError, kwargs: dict) -> str | None:
     "The option of `kwargs` that a constructor's `TypeError` says it does not take, or None"
     m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
     return m[1] if m and m[1] in kwargs else None
 
-def _option_error(arch: str, e: TypeError, kwargs: dict) -> TypeError | None:
-    "A `TypeError` naming the option in `kwargs` that `arch` does not take, or None if `e` is about something else"
+def _option_error(arch: str, e: TypeError, kwargs: dict) -> SettingError | None:
+    "A `SettingError` naming the option in `kwargs` that `arch` does not take, or None if `e` is about something else"
     bad = _unexpected_kwarg(e, kwargs)
     if bad is None: return None
-    return TypeError(f"{arch} does not take the option {bad}={kwargs[bad]!r} ({e}); "
+    return SettingError("arch_kwargs", f"{arch} does not take the option {bad}={kwargs[bad]!r} ({e}); "
                      "remove it from the options given to create_encoder (--arch_kwargs on the command line).")
 
 # %% ../nbs/00_layers.ipynb #c012
@@ -136,7 +138,7 @@ def create_fastai_encoder(
 ) -> nn.Module:
     "A fastai architecture cut before its head, followed by pooling and flattening"
     if not callable(arch) or isinstance(arch, nn.Module):
-        raise TypeError(f"arch must be a fastai architecture function such as xresnet18, got {arch!r}")
+        raise SettingError("arch", f"arch must be a fastai architecture function such as xresnet18, got {arch!r}")
     name = getattr(arch, "__name__", repr(arch))
     _check_reserved(name, kwargs, _FASTAI_RESERVED)
     try: model = arch(pretrained=pretrained, **kwargs)
@@ -181,11 +183,12 @@ def _probe_feature_dim(encoder: nn.Module, sizes=(64, 128, 224)) -> int:
             try: out = encoder(torch.zeros(2, n_in, size, size, dtype=p.dtype, device=p.device))
             except (RuntimeError, AssertionError, ValueError): continue
             if out.ndim != 2:
-                raise ValueError(f"The encoder must return flat features [batch, dim], got shape {tuple(out.shape)}: "
-                                 "end it with pooling and flattening (see `create_encoder`).")
+                raise SettingError("encoder", f"The encoder must return flat features [batch, dim], got shape {tuple(out.shape)}: "
+                                              "end it with pooling and flattening (see `create_encoder`).")
             return out.shape[1]
     finally: encoder.train(was_training)
-    raise ValueError(f"Could not run the encoder on {n_in}-channel images of sizes {sizes} to find its width.")
+    raise SettingError("encoder", f"Could not run the encoder on {n_in}-channel images of sizes {sizes} to find its width: "
+                                  "check its input channels (n_in) and that it ends with pooling and flattening.")
 
 def encoder_feature_dim(
     encoder: nn.Module,  # An encoder returning [batch, dim] features
@@ -242,11 +245,6 @@ def min_input_size(
     return next((s for s in sizes if _try_size(encoder, s, n_in) is None), None)
 
 # %% ../nbs/00_layers.ipynb #c022e
-def _first_line(e: Exception) -> str:
-    "`Type: first line of the message` of an exception, at most 160 characters"
-    line = next((l for l in str(e).splitlines() if l.strip()), "").strip()
-    return f"{type(e).__name__}: {line[:160]}" if line else type(e).__name__
-
 def _size_fix(encoder: nn.Module, size: int, n_in: int, max_size: int) -> str:
     "What to pass instead of a crop size `encoder` cannot take"
     patch = _patch_size(encoder)
@@ -265,17 +263,18 @@ def check_encoder_input_size(
     name: str | None = None,     # Name for the message; None uses the timm architecture or the class name
     max_size: int = 1024,        # Largest size tried when looking for the smallest accepted one
 ) -> None:
-    "Raise a one-line `ValueError` naming the smallest size `encoder` takes if it cannot take every crop size in `sizes`"
+    "Raise a one-line `SettingError` naming the smallest size `encoder` takes if it cannot take every crop size in `sizes`"
     sizes = [sizes] if isinstance(sizes, numbers.Integral) else list(sizes)
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
-            raise TypeError(f"sizes must be positive integers (crop sizes in pixels), got {sizes!r}")
+            raise SettingError("crop_sizes", f"sizes must be positive integers (crop sizes in pixels), got {sizes!r}")
     n_in = n_in or in_channels(encoder)
     failed = {s: e for s in dict.fromkeys(int(s) for s in sizes) if (e := _try_size(encoder, s, n_in)) is not None}
     if not failed: return
     first, err = next(iter(failed.items()))
     px = ", ".join(str(s) for s in failed)
-    raise ValueError(f"encoder {name or _encoder_name(encoder)} cannot take {px} px crops ({_first_line(err)}): "
+    raise SettingError("crop_sizes", f"encoder {name or _encoder_name(encoder)} cannot take {px} px crops "
+                                     f"({type(err).__name__}: {first_line(err, 160)}): "
                      + _size_fix(encoder, first, n_in, max_size))
 
 # %% ../nbs/00_layers.ipynb #c024
@@ -287,7 +286,7 @@ def create_mlp_module(
     nlayers: int = 2,       # Number of Linear layers, at least 1
 ) -> nn.Sequential:
     "MLP projection head: (Linear, [BatchNorm], ReLU) x (nlayers-1), then Linear"
-    if nlayers < 1: raise ValueError(f"nlayers must be at least 1, got {nlayers}")
+    check_positive("nlayers", nlayers, integer=True)
     layers = []
     for _ in range(nlayers - 1):
         layers += [nn.Linear(dim, hidden_size)] + ([nn.BatchNorm1d(hidden_size)] if bn else []) + [nn.ReLU(inplace=True)]
@@ -311,7 +310,7 @@ def create_cls_module(
     bns = [first_bn] + [use_bn] * (len(sizes) - 2)
     ps = list(ps) if isinstance(ps, (list, tuple)) else [ps]
     if len(ps) == 1: ps = [ps[0] / 2] * (len(sizes) - 2) + ps
-    if len(ps) != len(sizes) - 1: raise ValueError(f"ps needs one value or {len(sizes)-1} values, got {ps}")
+    if len(ps) != len(sizes) - 1: raise SettingError("ps", f"ps needs one value or {len(sizes)-1} values (one per Linear layer), got {ps}")
     actns = [nn.ReLU(inplace=True)] * (len(sizes) - 2) + [None]
     layers = []
     for ni, no, bn, p, act in zip(sizes[:-1], sizes[1:], bns, ps, actns):

@@ -5,7 +5,7 @@
 # %% ../nbs/02_swav.ipynb #c003
 from __future__ import annotations
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -14,109 +14,21 @@ from torch import Tensor, nn
 from fastai.callback.core import Callback, CancelBatchException, GatherPredsCallback
 from fastai.data.core import Pipeline
 from fastai.torch_core import get_model
+from fastcore.basics import patch
 
 from .augmentations import MultiCrop, get_batch_augs, show_crops
-from .checks import SettingError, check_choice, check_in_range, check_positive, check_same_length
+from .checks import SettingError, check_choice, check_in_range, check_nonnegative, check_positive, check_same_length
 from .evaluation import pipeline_normalization
 from .layers import check_encoder_input_size, create_mlp_module, encoder_feature_dim
-from .resume import ResizingBuffers, RandomStateHolder, ResumeRandomState, all_gather_stack, attach_state, world_rank
+from .resume import RandomStateHolder, ResumeRandomState, attach_state, world_rank
+from .swav_state import IterationCounter, SwAVQueue, _dist_on, _float32, attach_swav_state
+
+_all_ = ["SwAVQueue", "IterationCounter", "attach_swav_state"]   # defined in swav_state, imported from here too
 
 # %% auto #0
-__all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVQueue', 'IterationCounter', 'attach_swav_state', 'SwAVModel', 'create_swav_model',
-           'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes', 'swav_loss', 'check_queue_length',
-           'normalize_prototypes', 'whole_images', 'SwAVLossFunc', 'show_dl_prototypes', 'SWAV']
-
-# %% ../nbs/02_swav.ipynb #c005b
-def _dist_on() -> bool: return world_rank()[0] > 1
-
-def _float32(t: Tensor):
-    "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
-    return torch.autocast(device_type=t.device.type, enabled=False)
-
-class SwAVQueue(ResizingBuffers):
-    "Embeddings of past batches for Sinkhorn: one queue per assignment crop, newest first, and every rank's copy for checkpoints"
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("embeddings", torch.zeros(0, 0, 0))             # [len(crop_assgn_ids), K, projection_size]
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))     # entries filled (the same in every queue)
-        self.register_buffer("rank_embeddings", torch.zeros(0, 0, 0, 0))     # under DDP: every rank's `embeddings`
-        self.register_buffer("rank_filled", torch.zeros(0, dtype=torch.long))
-        self._filled = 0                                                      # host copy of `filled`
-
-    def _after_load(self): self._filled = int(self.filled)
-
-    @property
-    def length(self) -> int:
-        "The queue length K (0: no queue)"
-        return self.embeddings.shape[1]
-    @property
-    def n_filled(self) -> int:
-        "How many entries of each queue are filled"
-        return self._filled
-    @property
-    def full(self) -> bool:
-        "Every entry holds an embedding: the queue can enter Sinkhorn"
-        return self.length > 0 and self._filled >= self.length
-
-    def configure(self, n_assign: int, K: int, dim: int):
-        "Shape the queues `[n_assign, K, dim]` for a run: keep a checkpoint's queue of that shape, refuse a filled one of another"
-        shape = (n_assign, K, dim)
-        if tuple(self.embeddings.shape) != shape:
-            if self._filled > 0 and K > 0:
-                raise ValueError(f"The model holds a queue of shape {tuple(self.embeddings.shape)} (from a checkpoint?) but this run "
-                                 f"needs {shape} (len(crop_assgn_ids)={n_assign}, K={K}, projection_size={dim}): pass the K and crop_assgn_ids of "
-                                 "that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
-            self.reset(shape)
-        if _dist_on() and K > 0: self._take_own_rank()
-
-    def reset(self, shape: tuple | None = None):
-        "Empty the queues (and a checkpoint's per-rank copies), with a new `shape` if given"
-        self.embeddings = self.embeddings.new_zeros(shape or self.embeddings.shape)
-        self.rank_embeddings, self.rank_filled = self.rank_embeddings.new_zeros(0, 0, 0, 0), self.rank_filled.new_zeros(0)
-        self.filled.zero_()
-        self._filled = 0
-
-    @torch.no_grad()
-    def push(self, new: Tensor):
-        "Put `new` `[n_assign, bs, dim]` at the front of the queues; the oldest entries drop out"
-        self.embeddings.copy_(torch.cat([new.detach().to(self.embeddings), self.embeddings], dim=1)[:, :self.length])
-        self._filled = min(self.length, self._filled + new.shape[1])
-        self.filled.fill_(self._filled)
-
-    @torch.no_grad()
-    def scores(self, prototype_weights: Tensor) -> Tensor:
-        "Scores `[n_assign, K, n_protos]` of the queued embeddings against the prototypes, in float32"
-        with _float32(self.embeddings): return self.embeddings.float() @ prototype_weights.detach().float().t()
-
-    @torch.no_grad()
-    def gather_ranks(self):
-        "Under DDP: every rank's queue into `rank_embeddings` on every rank, so that rank 0's checkpoint holds them all"
-        if _dist_on() and self.length > 0:
-            self.rank_embeddings, self.rank_filled = all_gather_stack(self.embeddings), all_gather_stack(self.filled)
-
-    def _take_own_rank(self):
-        "Under DDP: this rank's own queue from `rank_embeddings` (a checkpoint's); never a queue shared by all ranks"
-        world, rank = world_rank()
-        if self.rank_embeddings.shape[0] == world and self.rank_embeddings.shape[1:] == self.embeddings.shape:
-            self.embeddings.copy_(self.rank_embeddings[rank]); self.filled.copy_(self.rank_filled[rank])
-            self._filled = int(self.filled)
-        elif self._filled > 0:
-            warnings.warn(f"The model's queue does not come from {world} processes (a checkpoint of another run?): every "
-                          "rank would start with the same queue, so it is emptied and refilled.")
-            self.reset()
-
-class IterationCounter(ResizingBuffers):
-    "The number of training iterations the model has seen, as a buffer, with a host copy"
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self._count = 0
-    def _after_load(self): self._count = int(self.count)
-    def step(self):
-        "One more training iteration"
-        self._count += 1
-        self.count.add_(1)
-    def __int__(self) -> int: return self._count
+__all__ = ['SWAV_AUGS', 'FASTAI_AUGS', 'SwAVModel', 'create_swav_model', 'get_swav_aug_pipelines', 'sinkhorn_knopp', 'swav_codes',
+           'swav_loss', 'check_queue_length', 'normalize_prototypes', 'whole_images', 'SwAVLossFunc', 'SWAV',
+           'SwAVQueue', 'IterationCounter', 'attach_swav_state']
 
 # %% ../nbs/02_swav.ipynb #c006
 def _crop_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
@@ -126,35 +38,6 @@ def _crop_groups(crops: Sequence[Tensor]) -> list[tuple[int, int]]:
         if i == len(crops) or crops[i].shape[1:] != crops[start].shape[1:]:
             groups.append((start, i)); start = i
     return groups
-
-# %% ../nbs/02_swav.ipynb #c007c
-_V0_1_KEYS = dict(queue="queue.embeddings", queue_len="queue.filled", rank_queues="queue.rank_embeddings",
-                  rank_queue_lens="queue.rank_filled", swav_iters="swav_iters.count",
-                  rng_states="random_state.states", rng_epoch="random_state.epoch")
-
-def _read_v0_1_checkpoint(module, state_dict, prefix, *args):
-    "Load-state-dict pre-hook: the loose buffers of a version 0.1.0 checkpoint, under their modules' names"
-    for old, new in _V0_1_KEYS.items():
-        t = state_dict.get(prefix + old)
-        if isinstance(t, Tensor) and prefix + new not in state_dict: state_dict[prefix + new] = state_dict.pop(prefix + old)
-
-def _check_swav_model(model: nn.Module):
-    "A `TypeError` unless `model` has the `prototypes` layer SwAV needs"
-    if not isinstance(getattr(model, "prototypes", None), nn.Linear):
-        raise TypeError("SWAV needs a model with a `prototypes` nn.Linear layer returning (embedding, scores): "
-                        "build it with create_swav_model(encoder).")
-
-def attach_swav_state(
-    model: nn.Module,  # A model with a `prototypes` nn.Linear that returns (embedding, scores)
-) -> nn.Module:
-    "`model` with its `queue` (`SwAVQueue`, per rank) and `swav_iters` (`IterationCounter`) state modules"
-    _check_swav_model(model)
-    attach_state(model, "queue", SwAVQueue, per_rank=True)
-    attach_state(model, "swav_iters", IterationCounter, per_rank=False)   # the same on every rank: DDP may broadcast it
-    if not getattr(model, "_reads_v0_1", False):
-        model.register_load_state_dict_pre_hook(_read_v0_1_checkpoint)
-        model._reads_v0_1 = True
-    return model
 
 # %% ../nbs/02_swav.ipynb #c008
 class SwAVModel(nn.Module):
@@ -187,8 +70,8 @@ def create_swav_model(
 ) -> SwAVModel:
     "A `SwAVModel` around `encoder`, with unit-norm prototypes"
     if not isinstance(encoder, nn.Module):
-        raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}: build one with "
-                        "create_encoder('resnet18', pretrained=False) or create_fastai_encoder(xresnet18).")
+        raise SettingError("encoder", f"encoder must be an nn.Module, got {type(encoder).__name__}: build one with "
+                                      "create_encoder('resnet18', pretrained=False) or create_fastai_encoder(xresnet18).")
     for name, v in dict(hidden_size=hidden_size, projection_size=projection_size, n_protos=n_protos).items():
         check_positive(name, v, integer=True)
     projector = create_mlp_module(encoder_feature_dim(encoder), hidden_size, projection_size, bn=bn, nlayers=nlayers)
@@ -236,7 +119,7 @@ def sinkhorn_knopp(
     keep_last: int | None = None, # Return only the codes of the last `keep_last` samples (the batch after its queue)
 ) -> Tensor:
     "SwAV codes (float32, same shape as `scores`): rows sum to 1, prototypes equally used over the (global) batch"
-    if scores.ndim not in (2, 3): raise ValueError(f"scores must be [B, n_protos] or [A, B, n_protos], got shape {tuple(scores.shape)}")
+    if scores.ndim not in (2, 3): raise SettingError("scores", f"scores must be [B, n_protos] or [A, B, n_protos], got shape {tuple(scores.shape)}")
     check_positive("eps", eps)
     check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
     with _float32(scores): q = _sinkhorn(scores.float() if scores.ndim == 3 else scores.float()[None], eps, n_sinkh_iter, keep_last)
@@ -315,6 +198,7 @@ def check_queue_length(
         raise SettingError("K", f"K={K} (queue length) is larger than the training set ({n} images per process): the queue "
                                 f"would hold the same image twice. Use K <= {n}, or no queue (K=None; swav_pretrain --K 0).")
 
+# %% ../nbs/02_swav.ipynb #c033c
 def _local_bs(dl) -> int:
     "Images per training step in this process (0 if unknown): a fastai DataLoader's `bs`, or torch's `batch_size`"
     return getattr(dl, "bs", None) or getattr(dl, "batch_size", None) or 0
@@ -346,7 +230,7 @@ def _warn_small_assignment_crops(crop_sizes: Sequence[int | None], crop_assgn_id
                       "e.g. [0, 1] with the large crop sizes listed first: swav_pretrain --crop_sizes 224 96).")
 
 def _check_encoder_sizes(model: nn.Module, crop_sizes: Sequence[int | None]):
-    "A one-line `ValueError` before training if the model's `encoder` (when it has one with a convolution) cannot take a crop size"
+    "A one-line `SettingError` before training if the model's `encoder` (when it has one with a convolution) cannot take a crop size"
     enc, sizes = getattr(model, "encoder", None), sorted({s for s in crop_sizes if s is not None})
     if not (isinstance(enc, nn.Module) and sizes and any(getattr(m, "weight", None) is not None and m.weight.ndim == 4 for m in enc.modules())): return
     with torch.no_grad(): check_encoder_input_size(enc, sizes)
@@ -360,6 +244,16 @@ def _warn_few_images(bs: int, n_protos: int):
                       f"n_protos <= {bs} (create_swav_model, or swav_pretrain --n_protos), a larger batch, or a queue "
                       "(K, as the paper does with small batches).")
 
+def _check_fit(model: nn.Module, augs: MultiCrop, crop_assgn_ids, K: int | None, dl) -> list[int]:
+    "Checks of a fit that need the model and the data (the pipelines may have changed since `SWAV` was built); the crop ids"
+    ids = _check_crop_assgn_ids(crop_assgn_ids, len(augs))
+    _check_batch_size(_local_bs(dl)); _check_encoder_sizes(model, augs.crop_sizes)
+    if K is not None: check_queue_length(K, len(dl.dataset))
+    else: _warn_few_images(_global_bs(dl), model.prototypes.out_features)
+    _warn_short_queue(K, _global_bs(dl)); _warn_small_assignment_crops(augs.crop_sizes, ids)
+    return ids
+
+# %% ../nbs/02_swav.ipynb #c033d
 @torch.no_grad()
 def normalize_prototypes(prototypes: nn.Linear):
     "Rescale every prototype (row of the weight) to unit norm, in place (official code, before every step)"
@@ -368,8 +262,10 @@ def normalize_prototypes(prototypes: nn.Linear):
 def _unpack_pred(pred, n_crops: int) -> tuple[Tensor, Tensor, int]:
     "(embedding, scores, images per crop) from a model's output, or a clear error"
     if not (isinstance(pred, (tuple, list)) and len(pred) == 2):
-        raise TypeError(f"SWAV expects the model to return (embedding, scores), got {type(pred).__name__}: use create_swav_model.")
-    if pred[1].shape[0] % n_crops: raise ValueError(f"The model returned {pred[1].shape[0]} rows, not a multiple of the {n_crops} crops.")
+        raise SettingError("model", f"SWAV expects the model to return (embedding, scores), got {type(pred).__name__}: use create_swav_model.")
+    if pred[1].shape[0] % n_crops:
+        raise SettingError("model", f"The model returned {pred[1].shape[0]} rows, not a multiple of the {n_crops} crops: it must return "
+                                    "the rows of every crop it is given, crop after crop (see SwAVModel.forward).")
     return pred[0], pred[1], pred[1].shape[0] // n_crops
 
 # %% ../nbs/02_swav.ipynb #c033b
@@ -392,12 +288,12 @@ def whole_images(
 def _check_gathering(cb: GatherPredsCallback):
     "A clear error for what `get_preds` cannot give with SWAV"
     if cb.with_loss:
-        raise ValueError("get_preds(with_loss=True) has no per-image loss with SWAV (its loss needs the crops of a whole batch): "
+        raise SettingError("with_loss", "get_preds(with_loss=True) has no per-image loss with SWAV (its loss needs the crops of a whole batch): "
                          "use learn.validate() for the SwAV validation loss, or get_preds() without with_loss.")
 
 _NO_DECODING = ("With SWAV there is nothing to decode (learn.predict, learn.show_results, get_preds(with_decoded=True)): "
                 "learn.get_preds() gives the (embedding, scores) of every whole image, "
-                "self_supervised_swav.clusters.assign_prototypes(learn.model, dl) their prototypes, learn.swav.show_prototypes() a gallery.")
+                "self_supervised_swav.clusters.assign_prototypes(learn.model, dl) their prototypes, clusters.show_learner_prototypes(learn) a gallery.")
 
 class SwAVLossFunc:
     "The `loss_func` `SWAV` gives the Learner during fit: the SwAV loss, with no activation and no decoding for fastai's `get_preds`"
@@ -416,48 +312,7 @@ def _skip_single_image(learn):
         learn.yb = ()   # nothing to record: fastai's Recorder and SWAV's iteration count skip the batch
         raise CancelBatchException()
 
-def _images_of(dl: Iterable, max_images: int) -> Tensor:
-    "The first `max_images` images of `dl`, in order (a fastai DataLoader unshuffled), on the CPU"
-    xs, n = [], 0
-    for b in (dl.new(shuffle=False, drop_last=False) if hasattr(dl, "new") else dl):
-        xs.append(b[0].as_subclass(Tensor).cpu()); n += len(xs[-1])
-        if n >= max_images: break
-    if not xs: raise ValueError("dl yielded no images: pass a DataLoader of (images, ...) batches.")
-    return torch.cat(xs)[:max_images]
-
-class _OneCrop(nn.Module):
-    "A SwAV model called on whole images as one crop, `model([x])`: the input every SwAV model takes (`SwAVModel` and hand-made)"
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model, self.prototypes = model, model.prototypes
-        self.train(model.training)
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]: return self.model([x])
-
-def show_dl_prototypes(
-    model: nn.Module,          # A SwAV model
-    dl: Iterable,              # Batches `(images, ...)` of images in [0, 1]
-    augs: MultiCrop,           # The pretraining pipelines: their normalisation is applied before the model
-    n_rows: int = 8,           # Prototypes shown (the largest)
-    n_images: int = 8,         # Images per prototype, the highest-scoring first
-    max_images: int = 2048,    # Images of `dl` assigned and shown: the first ones
-    **kwargs,                  # Passed to `clusters.show_prototypes` (`protos`, `scale`)
-):
-    "`clusters.show_prototypes` of the first images of `dl`, assigned on the whole images with the pipelines' normalisation"
-    from self_supervised_swav.clusters import assign_prototypes, show_prototypes   # clusters imports this module
-    images = _images_of(dl, check_positive("max_images", max_images, integer=True))
-    res = assign_prototypes(_OneCrop(model), images, tfm=pipeline_normalization(augs))
-    return show_prototypes(res, images, n_rows=n_rows, n_images=n_images, **kwargs)
-
 # %% ../nbs/02_swav.ipynb #c034
-def _check_fit(model: nn.Module, augs: MultiCrop, crop_assgn_ids, K: int | None, dl) -> list[int]:
-    "Checks of a fit that need the model and the data (the pipelines may have changed since `SWAV` was built); the crop ids"
-    ids = _check_crop_assgn_ids(crop_assgn_ids, len(augs))
-    _check_batch_size(_local_bs(dl)); _check_encoder_sizes(model, augs.crop_sizes)
-    if K is not None: check_queue_length(K, len(dl.dataset))
-    else: _warn_few_images(_global_bs(dl), model.prototypes.out_features)
-    _warn_short_queue(K, _global_bs(dl)); _warn_small_assignment_crops(augs.crop_sizes, ids)
-    return ids
-
 class SWAV(Callback):
     "SwAV self-supervised pretraining: multi-crop views, Sinkhorn codes, swapped prediction and a queue"
     order, run_valid = 9, True   # before MixedPrecision (10): crops made in fp32, prototype grads cancelled before its step
@@ -480,7 +335,7 @@ class SWAV(Callback):
         self.queue_start_pct = check_in_range("queue_start_pct", queue_start_pct)
         self.temp, self.eps = check_positive("temp", temp), check_positive("eps", eps)
         self.n_sinkh_iter = check_positive("n_sinkh_iter", n_sinkh_iter, integer=True, minimum=1)
-        self.freeze_protos_iters = check_positive("freeze_protos_iters", freeze_protos_iters, integer=True, minimum=0)
+        self.freeze_protos_iters = check_nonnegative("freeze_protos_iters", freeze_protos_iters, integer=True)
         self.print_augs, self.resume_rng, self._old_loss_func = print_augs, resume_rng, None
         self._loss_func = SwAVLossFunc(self._swav_loss)
 
@@ -497,18 +352,6 @@ class SWAV(Callback):
     def swav_model(self) -> nn.Module:
         "The model holding prototypes and state modules (unwrapped from DDP/DataParallel)"
         return get_model(self.learn.model)
-    @property
-    def queue(self) -> Tensor | None:
-        "The queues, `[len(crop_assgn_ids), K, projection_size]`, newest first; None without a queue"
-        return self.swav_model.queue.embeddings if self.K is not None else None
-    @property
-    def queue_len(self) -> int:
-        "Number of filled entries in each queue"
-        return self.swav_model.queue.n_filled
-    def reset_queue(self):
-        "Empty the model's queue (a checkpoint's included), shaped `[len(crop_assgn_ids), K, projection_size]` for this callback"
-        m = self.swav_model
-        m.queue.reset((len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features))
 
     # ---- events
     def after_create(self):
@@ -527,54 +370,80 @@ class SWAV(Callback):
     def after_batch(self):
         if self.training and len(self.yb): self.swav_model.swav_iters.step()   # (a skipped batch has no yb)
 
-    # ---- wiring
-    def _attach_state(self):
-        "The model's queue and iteration counter; with `resume_rng`, the `ResumeRandomState` keeping its random state"
-        attach_swav_state(self.swav_model)
-        if self.resume_rng and not any(isinstance(cb, ResumeRandomState) for cb in self.learn.cbs):
-            self.learn.add_cb(ResumeRandomState())
-            self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
+# %% ../nbs/02_swav.ipynb #c034r
+@patch(as_prop=True)
+def queue(self: SWAV) -> Tensor | None:
+    "The queues, `[len(crop_assgn_ids), K, projection_size]`, newest first; None without a queue"
+    return self.swav_model.queue.embeddings if self.K is not None else None
 
-    def _prepare_fit(self):
-        "The checks of a training fit and the queue shaped for it (get_preds needs neither)"
-        if _predicting(self.learn): return
-        m = self.swav_model
-        self.crop_assgn_ids = _check_fit(m, self.augs, self.crop_assgn_ids, self.K, self.dls.train)
-        m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
-        if self.print_augs: print(*self.augs, sep="\n")
+@patch(as_prop=True)
+def queue_filled(self: SWAV) -> int:
+    "How many entries of each queue are filled (at most `K`)"
+    return self.swav_model.queue.n_filled
 
-    def _swap_loss_func(self):
-        if self.learn.loss_func is not self._loss_func: self._old_loss_func = self.learn.loss_func
-        self.learn.loss_func = self._loss_func
-    def _restore_loss_func(self):
-        if self._old_loss_func is not None and self.learn.loss_func is self._loss_func: self.learn.loss_func = self._old_loss_func
+@patch
+def reset_queue(self: SWAV):
+    "Empty the model's queue (a checkpoint's included), shaped `[len(crop_assgn_ids), K, projection_size]` for this callback"
+    m = self.swav_model
+    m.queue.reset((len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features))
 
-    def _crops_batch(self):
-        "The batch replaced by its crops (a placeholder target if it has none); a batch of one training image skipped"
-        _skip_single_image(self.learn)
-        normalize_prototypes(self.swav_model.prototypes)
-        self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
+# %% ../nbs/02_swav.ipynb #c034w
+@patch
+def _attach_state(self: SWAV):
+    "The model's queue and iteration counter; with `resume_rng`, the `ResumeRandomState` keeping its random state"
+    attach_swav_state(self.swav_model)
+    if self.resume_rng and not any(isinstance(cb, ResumeRandomState) for cb in self.learn.cbs):
+        self.learn.add_cb(ResumeRandomState())
+        self.learn.resume_random_state.holder   # attached now, before DDP wraps the model (fastai's distrib_ctx)
 
-    def _queue_filling(self) -> bool:
-        "The queue takes new embeddings: training, past `queue_start_pct`"
-        return self.K is not None and self.training and self.learn.pct_train >= self.queue_start_pct
-    def _queue_in_use(self) -> bool:
-        "The queue enters Sinkhorn: past `queue_start_pct` and full"
-        return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
+@patch
+def _prepare_fit(self: SWAV):
+    "The checks of a training fit and the queue shaped for it (get_preds needs neither)"
+    if _predicting(self.learn): return
+    m = self.swav_model
+    self.crop_assgn_ids = _check_fit(m, self.augs, self.crop_assgn_ids, self.K, self.dls.train)
+    m.queue.configure(len(self.crop_assgn_ids), self.K or 0, m.prototypes.in_features)
+    if self.print_augs: print(*self.augs, sep="\n")
 
-    def _swav_loss(self, pred, *yb) -> Tensor:
-        "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training (none on whole images: get_preds)"
-        if _predicting(self.learn): return pred[1].new_zeros(())
-        embedding, scores, bs = _unpack_pred(pred, len(self.augs))
-        m = self.swav_model
-        queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
-        codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
-        if self._queue_filling(): m.queue.push(_rows(embedding.view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids))
-        return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
+@patch
+def _swap_loss_func(self: SWAV):
+    if self.learn.loss_func is not self._loss_func: self._old_loss_func = self.learn.loss_func
+    self.learn.loss_func = self._loss_func
 
-    def show(self, n: int = 1):
-        "Show `n` images of a training batch, each with all its crops, decoded"
-        return show_crops(self.dls.train.one_batch()[0][:n], self.augs)
-    def show_prototypes(self, dl: Iterable | None = None, n_rows: int = 8, n_images: int = 8, **kwargs):
-        "Gallery of the `n_rows` largest prototypes and their top `n_images` images of `dl` (default: validation), see `show_dl_prototypes`"
-        return show_dl_prototypes(self.swav_model, dl if dl is not None else self.dls.valid, self.augs, n_rows, n_images, **kwargs)
+@patch
+def _restore_loss_func(self: SWAV):
+    if self._old_loss_func is not None and self.learn.loss_func is self._loss_func: self.learn.loss_func = self._old_loss_func
+
+@patch
+def _crops_batch(self: SWAV):
+    "The batch replaced by its crops (a placeholder target if it has none); a batch of one training image skipped"
+    _skip_single_image(self.learn)
+    normalize_prototypes(self.swav_model.prototypes)
+    self.learn.xb, self.learn.yb = (self.augs(self.x),), self.yb or (torch.zeros(len(self.x), device=self.x.device),)
+
+# %% ../nbs/02_swav.ipynb #c034l
+@patch
+def _queue_filling(self: SWAV) -> bool:
+    "The queue takes new embeddings: training, past `queue_start_pct`"
+    return self.K is not None and self.training and self.learn.pct_train >= self.queue_start_pct
+
+@patch
+def _queue_in_use(self: SWAV) -> bool:
+    "The queue enters Sinkhorn: past `queue_start_pct` and full"
+    return self.K is not None and self.swav_model.queue.full and getattr(self.learn, "pct_train", 0) >= self.queue_start_pct
+
+@patch
+def _swav_loss(self: SWAV, pred, *yb) -> Tensor:
+    "The SwAV loss of the model's `(embedding, scores)`; updates the queue in training (none on whole images: get_preds)"
+    if _predicting(self.learn): return pred[1].new_zeros(())
+    embedding, scores, bs = _unpack_pred(pred, len(self.augs))
+    m = self.swav_model
+    queue_scores = m.queue.scores(m.prototypes.weight) if self._queue_in_use() else None
+    codes = swav_codes(scores, bs, self.crop_assgn_ids, self.eps, self.n_sinkh_iter, queue_scores)
+    if self._queue_filling(): m.queue.push(_rows(embedding.view(-1, bs, embedding.shape[-1]), self.crop_assgn_ids))
+    return swav_loss(scores, codes, self.crop_assgn_ids, self.temp)
+
+@patch
+def show(self: SWAV, n: int = 1):
+    "Show `n` images of a training batch, each with all its crops, decoded"
+    return show_crops(self.dls.train.one_batch()[0][:n], self.augs)

@@ -1,7 +1,7 @@
 """Helpers shared by the tests and the benchmark scripts (`bench/` puts `tests/` on `sys.path`): one copy of each.
 
-* `official_sinkhorn`: the official `distributed_sinkhorn` of facebookresearch/swav, single process, in float64
-  (`official_sinkhorn_in_dtype`: in the scores' dtype, as the official code runs);
+* `official_sinkhorn`, `official_sinkhorn_in_dtype`, `official_swav_loss`: re-exported from the library's
+  `self_supervised_swav.reference` (the official formulas of facebookresearch/swav, written plainly);
 * `tiny_encoder` / `tiny_swav_model`: a 2-conv SwAV model that trains in milliseconds on CPU;
 * `tiny_pipelines`: multi-crop pipelines without colour or blur (gray digits), 2 large + 2 small crops;
 * `run_gloo` / `save_result`: run a function in several gloo processes and collect what each rank saved.
@@ -17,26 +17,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from self_supervised_swav.reference import official_sinkhorn, official_sinkhorn_in_dtype, official_swav_loss  # noqa: F401 (re-exported)
 from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines
 
 START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")
-
-
-@torch.no_grad()
-def official_sinkhorn_in_dtype(out: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
-    "The official single-process `distributed_sinkhorn` as it runs: in the dtype of `out` (what `bench/bench_sinkhorn.py` times)"
-    Q = torch.exp(out / eps).t()
-    n_protos, B = Q.shape
-    Q /= Q.sum()
-    for _ in range(n_iters):
-        Q /= Q.sum(dim=1, keepdim=True); Q /= n_protos
-        Q /= Q.sum(dim=0, keepdim=True); Q /= B
-    return (Q * B).t()
-
-
-def official_sinkhorn(out: torch.Tensor, eps: float = 0.05, n_iters: int = 3) -> torch.Tensor:
-    "The official single-process `distributed_sinkhorn` in float64 (no overflow at small eps), on scores `out` [B, n_protos]"
-    return official_sinkhorn_in_dtype(out.double(), eps, n_iters)
 
 
 def tiny_encoder(n_in: int = 1, bn: bool = False) -> nn.Module:

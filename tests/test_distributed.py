@@ -173,7 +173,7 @@ def _learner_ddp_worker(rank, world, out_dir, x, y):
     learn = Learner(dls, DDP(model), cbs=SWAV(tiny_pipelines(), CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-2)
     assert learn.swav.swav_model is model and learn.swav.swav_model.prototypes is model.prototypes
-    _save(out_dir, rank, queue=model.queue.embeddings.clone(), queue_len=learn.swav.queue_len, swav_iters=int(model.swav_iters),
+    _save(out_dir, rank, queue=model.queue.embeddings.clone(), queue_len=learn.swav.queue_filled, swav_iters=int(model.swav_iters),
           n_batches=len(dls.train), losses=[float(l) for l in learn.recorder.losses],
           params={n: p.detach().clone() for n, p in model.named_parameters()})
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastai.learner import Learner
 
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsage, PrototypeUsageMonitor, collapse_warning,
                                              extract_features, features_knn_accuracy, knn_accuracy, knn_predict,
                                              linear_probe_accuracy, recalibrate_bn)
@@ -234,7 +235,7 @@ def test_knn_monitor_rejects_bad_arguments(kw, msg):
 
 def test_knn_monitor_needs_an_encoder(small_dls):
     learn = Learner(small_dls, nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 10)), cbs=KNNMonitor(small_dls.train, small_dls.valid))
-    with pytest.raises(TypeError, match="encoder"): learn.fit(1)
+    with pytest.raises(SettingError, match="encoder"): learn.fit(1)
 
 
 # ---------------------------------------------------------------- batches of one image

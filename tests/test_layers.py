@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from fastai.vision.models.xresnet import xresnet18, xresnet34
 
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.layers import (PoolingType, create_cls_module, create_encoder, create_fastai_encoder,
                                          create_mlp_module, create_model, create_timm_encoder, encoder_feature_dim,
                                          encoder_head_splitter)
@@ -59,7 +60,7 @@ def test_unknown_names_suggest(name, hint):
 
 
 def test_fastai_encoder_needs_the_function():
-    with pytest.raises(TypeError, match="architecture function"): create_fastai_encoder(xresnet18(), pretrained=False)
+    with pytest.raises(SettingError, match="architecture function"): create_fastai_encoder(xresnet18(), pretrained=False)
 
 
 @pytest.mark.parametrize("nlayers,bn", [(1, False), (2, True), (3, False)])
@@ -93,14 +94,14 @@ from self_supervised_swav.layers import check_encoder_input_size, min_input_size
 
 
 def test_unknown_timm_option_is_named():
-    with pytest.raises(TypeError, match=r"resnet10t does not take the option colour='red'"):
+    with pytest.raises(SettingError, match=r"resnet10t does not take the option colour='red'"):
         create_encoder("resnet10t", pretrained=False, colour="red")
-    with pytest.raises(TypeError, match=r"vit_tiny_patch16_224 does not take the option colour"):
+    with pytest.raises(SettingError, match=r"vit_tiny_patch16_224 does not take the option colour"):
         create_encoder("vit_tiny_patch16_224", pretrained=False, pool_type="avg", colour="red")   # dynamic_img_size is taken
 
 
 def test_unknown_fastai_option_is_named():
-    with pytest.raises(TypeError, match=r"xresnet18 does not take the option colour='red'"):
+    with pytest.raises(SettingError, match=r"xresnet18 does not take the option colour='red'"):
         create_encoder("xresnet18", pretrained=False, colour="red")
 
 
@@ -108,7 +109,7 @@ def test_unknown_fastai_option_is_named():
                                              ("resnet10t", dict(num_classes=5), "no classifier"), ("xresnet18", dict(c_in=1), "use n_in"),
                                              ("xresnet18", dict(n_out=5), "no head")])
 def test_options_create_encoder_sets_are_refused(arch, kwargs, fix):
-    with pytest.raises(TypeError, match=fix): create_encoder(arch, pretrained=False, **kwargs)
+    with pytest.raises(SettingError, match=fix): create_encoder(arch, pretrained=False, **kwargs)
 
 
 def test_timm_options_reach_the_model():
@@ -179,7 +180,7 @@ def test_check_restores_modes_and_leaves_statistics():
 @pytest.mark.parametrize("sizes", [[32, 0], [32, 16.0], [True], ["32"]])
 def test_check_bad_sizes(sizes):
     enc = create_encoder("resnet10t", pretrained=False, n_in=1)
-    with pytest.raises(TypeError, match="sizes must be positive integers"): check_encoder_input_size(enc, sizes, 1)
+    with pytest.raises(SettingError, match="sizes must be positive integers"): check_encoder_input_size(enc, sizes, 1)
 
 
 def test_custom_name_in_message():

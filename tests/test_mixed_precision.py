@@ -58,7 +58,7 @@ class Probe(Callback):
         if self.training:
             m = self.swav.swav_model
             self.rows[-1].update(protos1=self._protos(), enc1=self._enc(), swav_iters=int(m.swav_iters.count),
-                                 host_iters=int(m.swav_iters), queue_len=self.swav.queue_len)
+                                 host_iters=int(m.swav_iters), queue_len=self.swav.queue_filled)
     def _protos(self): return self.swav.swav_model.prototypes.weight.detach().clone()
     def _enc(self): return next(self.swav.swav_model.encoder.parameters()).detach().clone()
 
@@ -168,7 +168,7 @@ def test_counters_and_queue_advance_once_per_batch(dls, autocast):
         assert protos_moved == (i not in skipped and i >= freeze), f"batch {i}: prototypes moved={protos_moved}"
     expected = torch.cat([r["emb"] for r in reversed(rows)], dim=1)[:, :K]   # newest first, each batch once
     torch.testing.assert_close(learn.swav.queue, expected, atol=0, rtol=0)
-    assert int(learn.model.swav_iters) == 6 and int(learn.model.queue.filled) == learn.swav.queue_len == K
+    assert int(learn.model.swav_iters) == 6 and int(learn.model.queue.filled) == learn.swav.queue_filled == K
 
 
 # ---- fastai's own MixedPrecision callback
@@ -183,5 +183,5 @@ def test_fastai_mixed_precision_callback(mode):
     assert [type(c).__name__ for c in learn.cbs].index("SWAV") < [type(c).__name__ for c in learn.cbs].index("MixedPrecision")
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=1e-2)
     assert int(learn.model.swav_iters) == int(learn.model.swav_iters.count) == len(dls.train)   # skipped fp16 steps count too
-    assert learn.swav.queue_len == 16 and torch.isfinite(learn.swav.queue).all()
+    assert learn.swav.queue_filled == 16 and torch.isfinite(learn.swav.queue).all()
     assert all(math.isfinite(float(l)) for l in learn.recorder.losses)

@@ -90,7 +90,7 @@ class FirstBatches(Callback):
     def before_fit(self): self.rows = []
     def before_batch(self):
         if self.training:
-            if not self.rows: self.queue0, self.queue_len0 = self.swav.queue.clone(), self.swav.queue_len
+            if not self.rows: self.queue0, self.queue_len0 = self.swav.queue.clone(), self.swav.queue_filled
             self.rows.append([self.swav.swav_model.prototypes.weight.detach().clone()])
     def after_batch(self):
         if self.training: self.rows[-1].append(self.swav.swav_model.prototypes.weight.detach().clone())
@@ -113,7 +113,7 @@ def test_resume_retraces_uninterrupted_run(digits, tmp_path, method, K, hand_mad
     stop = Interrupt(1)
     first = make_learner(digits, tmp_path, K=K, hand_made=hand_made, cbs=[stop])
     _fit(first, method)
-    assert first.swav.queue_len == (32 if K else 0) and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
+    assert first.swav.queue_filled == (32 if K else 0) and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
     first.save("ckpt")
 
     torch.manual_seed(123); random.seed(123); np.random.seed(123)         # the resumed process starts from other random states
@@ -125,7 +125,7 @@ def test_resume_retraces_uninterrupted_run(digits, tmp_path, method, K, hand_mad
     assert first.raw_losses.losses == full.raw_losses.losses[:n_iter]
     torch.testing.assert_close(torch.tensor(resumed.raw_losses.losses), torch.tensor(full.raw_losses.losses[n_iter:]), atol=1e-5, rtol=1e-5)
     if K: torch.testing.assert_close(resumed.swav.queue, full.swav.queue, atol=1e-5, rtol=1e-5)
-    assert resumed.swav.queue_len == full.swav.queue_len == (40 if K else 0)
+    assert resumed.swav.queue_filled == full.swav.queue_filled == (40 if K else 0)
     assert int(resumed.model.swav_iters) == int(full.model.swav_iters) == N_EPOCH * n_iter
     for (n, p), q in zip(resumed.model.state_dict().items(), full.model.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=f"{n} differs")
@@ -143,11 +143,11 @@ def test_resume_keeps_swav_state(digits, tmp_path):
     resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[probe, at1], resume_rng=False).load("ckpt")
     _fit(resumed, "fit", start_epoch=1)
     torch.testing.assert_close(probe.queue0, first.swav.queue, atol=0, rtol=0)
-    assert probe.queue_len0 == first.swav.queue_len == 32
+    assert probe.queue_len0 == first.swav.queue_filled == 32
     (before3, after3), (before4, after4) = probe.rows[:2]
     assert torch.equal(before3, after3), "iteration 3 < freeze_protos_iters=4: the prototypes must not move"
     assert not torch.equal(before4, after4), "iteration 4: the prototypes train"
-    assert int(resumed.model.swav_iters) == N_EPOCH * len(resumed.dls.train) and resumed.swav.queue_len == 40
+    assert int(resumed.model.swav_iters) == N_EPOCH * len(resumed.dls.train) and resumed.swav.queue_filled == 40
     assert all(math.isfinite(l) for l in resumed.recorder.losses)
     assert not torch.equal(at1.rng["torch"], stop.rng["torch"])
 
@@ -187,7 +187,7 @@ def test_checkpoint_of_version_0_1_0_loads(tmp_path):
     model = create_swav_model(encoder, hidden_size=8, projection_size=8, n_protos=6)
     learn = Learner(dls, model, cbs=SWAV(aug_pipelines(), CROP_IDS, K=24, queue_start_pct=0.1, freeze_protos_iters=2), path=tmp_path)
     learn.load(str(data / "checkpoint_v0_1_0"))
-    assert torch.equal(learn.swav.queue, expected["queue"]) and learn.swav.queue_len == expected["queue_len"] == 24
+    assert torch.equal(learn.swav.queue, expected["queue"]) and learn.swav.queue_filled == expected["queue_len"] == 24
     assert int(learn.model.swav_iters) == expected["swav_iters"] == 6
     assert learn.model.random_state.saved_epoch == expected["rng_epoch"] == 1
     assert torch.equal(learn.model.random_state.states, expected["rng_states"])
@@ -202,7 +202,7 @@ def filled_ckpt(digits, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("filled")
     learn = make_learner(digits, tmp_path, K=40)
     with learn.no_bar(), learn.no_logging(): learn.fit(2, lr=3e-3)
-    assert learn.swav.queue_len == 40
+    assert learn.swav.queue_filled == 40
     learn.save("filled")
     return tmp_path
 
@@ -273,7 +273,7 @@ def test_single_process_checkpoint_in_ddp_run(digits, tmp_path):
     learn = Learner(image_tensor_dls(x, y, bs=8, valid_pct=0.25, device="cpu"), tiny_swav_model(), path=tmp_path,
                     cbs=SWAV(aug_pipelines(), CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
-    assert learn.swav.queue_len == 12
+    assert learn.swav.queue_filled == 12
     learn.save("single")
     for r in run_gloo(_ddp_resume_worker, tmp_path, *digits, "single", False):
         assert r["queue_len0"] == 0

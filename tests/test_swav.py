@@ -11,30 +11,12 @@ from fastai.data.core import Pipeline
 from fastai.learner import Learner
 
 import self_supervised_swav.swav as swav_mod
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.layers import create_encoder, create_fastai_encoder
 from self_supervised_swav.augmentations import MultiCrop
 from self_supervised_swav.swav import (SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp,
                                         swav_codes, swav_loss)
-from helpers import official_sinkhorn
-
-
-# ---------------------------------------------------------------- independent references (paper / official code)
-ref_sinkhorn = official_sinkhorn
-
-
-def ref_loss(output, bs, crop_ids, n_crops, eps=0.05, temp=0.1, n_iters=3, queue_out=None):
-    "The loss loop of the official main_swav.py"
-    loss = 0
-    for i, crop_id in enumerate(crop_ids):
-        out = output[bs * crop_id: bs * (crop_id + 1)].detach()
-        if queue_out is not None: out = torch.cat((queue_out[i], out))
-        q = ref_sinkhorn(out, eps, n_iters)[-bs:].float()
-        subloss = 0
-        for v in [v for v in range(n_crops) if v != crop_id]:
-            x = output[bs * v: bs * (v + 1)] / temp
-            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
-        loss += subloss / (n_crops - 1)
-    return loss / len(crop_ids)
+from helpers import official_sinkhorn as ref_sinkhorn, official_swav_loss as ref_loss, tiny_pipelines as tiny_pipes, tiny_swav_model
 
 
 def cosine_scores(n, k, d=16, seed=0):
@@ -149,14 +131,9 @@ def test_identical_views_lower_loss():
 
 
 # ---------------------------------------------------------------- the callback: helpers
-def tiny_model(n_in=1, n_protos=20):
-    enc = nn.Sequential(nn.Conv2d(n_in, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return create_swav_model(enc, hidden_size=32, projection_size=16, n_protos=n_protos)
-
-
-def tiny_pipes(num_crops=(2, 2), sizes=(16, 8)):
-    return get_swav_aug_pipelines(num_crops=list(num_crops), crop_sizes=list(sizes), min_scales=[0.3, 0.1],
-                                  max_scales=[1.0, 0.4], stats=None, jitter=False, bw=False, blur=False)
+def tiny_model(n_protos: int = 20) -> nn.Module:
+    "`helpers.tiny_swav_model` with 20 prototypes (fewer than the 32 images of a batch)"
+    return tiny_swav_model(n_protos=n_protos)
 
 
 class Spy(Callback):
@@ -194,7 +171,7 @@ def test_queue_holds_last_embeddings_of_each_crop(tiny_dls, ids):
     for i, c in enumerate(ids):
         newest_first = torch.cat([e.view(n_crops, bs, -1)[c] for e in reversed(spy.embs)])
         torch.testing.assert_close(learn.swav.queue[i], newest_first[:48])
-    assert learn.swav.queue_len == 48 and int(learn.model.queue.filled) == 48
+    assert learn.swav.queue_filled == 48 and int(learn.model.queue.filled) == 48
 
 
 def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
@@ -205,7 +182,7 @@ def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
     train_calls = calls[:5]
     # pct_train = 0, .2, .4, .6, .8: filling starts at batch 2 (pct .4); 64 = 2 batches: full after batch 3; used at 4
     assert [c[0] is not None for c in train_calls] == [False, False, False, False, True]
-    assert learn.swav.queue_len == 64
+    assert learn.swav.queue_filled == 64
     for q, *_ in train_calls[4:5]: assert q.shape == (2, 64, 20)
 
 
@@ -226,10 +203,10 @@ def test_no_sample_twice_in_sinkhorn(tiny_dls, monkeypatch):
 def test_validation_does_not_touch_queue(tiny_dls):
     learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
     learn.fit(1)
-    queue, n, iters = learn.swav.queue.clone(), learn.swav.queue_len, int(learn.model.swav_iters)
+    queue, n, iters = learn.swav.queue.clone(), learn.swav.queue_filled, int(learn.model.swav_iters)
     learn.validate()
     torch.testing.assert_close(learn.swav.queue, queue)
-    assert learn.swav.queue_len == n and int(learn.model.swav_iters) == iters
+    assert learn.swav.queue_filled == n and int(learn.model.swav_iters) == iters
 
 
 def test_partial_last_batch_and_K_not_multiple_of_bs(digits):
@@ -263,14 +240,14 @@ def fit_save_and_load(dls, path, K_loaded: int):
 def test_queue_saved_and_loaded(tiny_dls, tmp_path):
     learn, fresh = fit_save_and_load(tiny_dls, tmp_path, 64)
     torch.testing.assert_close(fresh.model.queue.embeddings, learn.model.queue.embeddings)
-    assert fresh.swav.queue_len == int(fresh.model.queue.filled) == 64 and int(fresh.model.swav_iters) == 5
+    assert fresh.swav.queue_filled == int(fresh.model.queue.filled) == 64 and int(fresh.model.swav_iters) == 5
 
 
 def test_loaded_queue_of_other_shape_is_a_clear_error(tiny_dls, tmp_path):
     learn, other = fit_save_and_load(tiny_dls, tmp_path, 96)
     with pytest.raises(ValueError, match="reset_queue"): other.fit(1)
     other.swav.reset_queue()
-    assert other.swav.queue.shape == (2, 96, 16) and other.swav.queue_len == 0
+    assert other.swav.queue.shape == (2, 96, 16) and other.swav.queue_filled == 0
 
 
 # ---------------------------------------------------------------- prototypes
@@ -377,7 +354,7 @@ def test_replaced_or_changed_pipelines_are_used(tiny_dls):
     assert isinstance(learn.swav.augs, MultiCrop) and groups(learn.swav) == [(i, i + 1) for i in range(5)]
     learn.fit(1)
     with pytest.raises(ValueError, match="at least 2 crops"): learn.swav.augs = tiny_pipes()[:1]
-    with pytest.raises(TypeError, match="aug_pipelines"): learn.swav.augs = [lambda x: x] * 2
+    with pytest.raises(SettingError, match="aug_pipelines"): learn.swav.augs = [lambda x: x] * 2
     learn.swav.augs = tiny_pipes(num_crops=(1, 1))   # 2 crops: crop_assgn_ids [0, 1] still valid
     learn.fit(1)
     learn.swav.crop_assgn_ids = [0, 3]
@@ -414,9 +391,9 @@ def test_bad_settings(kw, err, msg):
 
 @pytest.mark.parametrize("pipes,err,msg", [
     ([], ValueError, "empty"),
-    (None, TypeError, "aug_pipelines"),
-    ("pipelines", TypeError, "aug_pipelines"),
-    ([lambda x: x, lambda x: x], TypeError, r"aug_pipelines\[0\]"),
+    (None, SettingError, "aug_pipelines"),
+    ("pipelines", SettingError, "aug_pipelines"),
+    ([lambda x: x, lambda x: x], SettingError, r"aug_pipelines\[0\]"),
     ([Pipeline([]), Pipeline([])], ValueError, "split_idx"),
 ])
 def test_bad_pipelines(pipes, err, msg):
@@ -429,7 +406,7 @@ def test_single_crop_is_an_error():
 
 def test_model_without_prototypes(tiny_dls):
     learn = Learner(tiny_dls, nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 10)), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
-    with pytest.raises(TypeError, match="prototypes"): learn.fit(1)
+    with pytest.raises(SettingError, match="prototypes"): learn.fit(1)
 
 
 @pytest.mark.parametrize("n_protos,K,warns", [(64, None, True), (32, None, False), (64, 64, False)])
@@ -478,7 +455,7 @@ def test_bad_pipeline_settings(kw, msg):
 
 def test_create_swav_model_bad_args():
     enc = create_encoder("resnet10t", pretrained=False)
-    with pytest.raises(TypeError, match="create_encoder"): create_swav_model("resnet10t")
+    with pytest.raises(SettingError, match="create_encoder"): create_swav_model("resnet10t")
     with pytest.raises(ValueError, match="n_protos"): create_swav_model(enc, n_protos=0)
 
 
@@ -560,17 +537,17 @@ def test_what_get_preds_cannot_give_is_a_clear_error(tiny_dls):
 
 
 def test_show_prototypes_draws_the_grid(tiny_dls):
-    from self_supervised_swav.clusters import assign_prototypes
+    from self_supervised_swav.clusters import assign_prototypes, show_learner_prototypes
     learn = make_learn(tiny_dls, SWAV(normalised_pipes(), [0, 1], K=None))
-    fig = learn.swav.show_prototypes(n_rows=3, n_images=4)
+    fig = show_learner_prototypes(learn, n_rows=3, n_images=4)
     assert len(fig.axes) == 12
     sizes = assign_prototypes(learn.model, tiny_dls.valid.dataset.x, tfm=lambda x: (x - 0.4) / 0.3).sizes
     largest = sizes.argsort(descending=True, stable=True)[:3].tolist()
     assert [fig.axes[4 * r].get_title(loc="left") for r in range(3)] == \
         [f"prototype {p}: {int(sizes[p])} image{'s' if sizes[p] != 1 else ''}" for p in largest]
-    fig = learn.swav.show_prototypes(tiny_dls.train, protos=[0, 5], n_images=2, max_images=10)
+    fig = show_learner_prototypes(learn, tiny_dls.train, protos=[0, 5], n_images=2, max_images=10)
     assert len(fig.axes) == 4
-    with pytest.raises(ValueError, match="max_images"): learn.swav.show_prototypes(max_images=0)
+    with pytest.raises(ValueError, match="max_images"): show_learner_prototypes(learn, max_images=0)
 
 
 # ---------------------------------------------------------------- batches of one image
@@ -587,7 +564,7 @@ def test_a_last_training_batch_of_one_image_is_skipped_once_warned(digits, bn):
         learn.fit(2)
     assert sum("single image" in str(w.message) for w in ws) == 1
     assert int(learn.model.swav_iters) == 2 and len(learn.recorder.losses) == 2
-    assert learn.swav.queue_len == 16 and all(math.isfinite(v) for v in learn.recorder.values[-1])
+    assert learn.swav.queue_filled == 16 and all(math.isfinite(v) for v in learn.recorder.values[-1])
 
 
 def test_bs_1_is_an_error_before_training(digits):
@@ -627,3 +604,41 @@ def test_encoder_that_cannot_take_a_crop_size_fails_before_training(tiny_dls):
     assert "\n" not in str(e.value).split("\n", 1)[-1] and int(learn.model.swav_iters) == 0 and learn.loss_func is orig
     learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 12)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
     learn.fit(1, cbs=StopAtStart())                                   # 12 px is fine
+
+
+# ---------------------------------------------------------------- the loss of `fit` is the official formula with the callback's settings
+class RecordLoss(Callback):
+    "Records, for every training batch, what the official formula needs: the scores, the queue the loss saw, and fit's loss"
+    order = 20   # after SWAV (9): the batch is its crops
+    def __init__(self): self.rows = []
+    def after_pred(self):
+        if not self.training: return
+        m, cb = self.learn.model, self.learn.swav
+        in_use = cb.K is not None and m.queue.full and self.learn.pct_train >= cb.queue_start_pct
+        self.rows.append(dict(scores=self.learn.pred[1].detach().clone(), bs=len(self.learn.yb[0]),
+                              queue=(m.queue.embeddings @ m.prototypes.weight.detach().t()).clone() if in_use else None))
+    def after_loss(self):
+        if self.training: self.rows[-1]["loss"] = self.learn.loss.detach().clone()
+
+
+SETTINGS = [dict(), dict(temp=0.3), dict(eps=0.1), dict(n_sinkh_iter=1), dict(crop_assgn_ids=[2, 3]), dict(crop_assgn_ids=[0, 3])]
+
+
+@pytest.mark.parametrize("K", [None, 64])
+@pytest.mark.parametrize("kw", SETTINGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_loss_in_fit_is_the_official_formula_with_the_callbacks_settings(tiny_dls, K, kw):
+    "Every training loss of `fit` equals `official_swav_loss` computed with SWAV's temp, eps, n_sinkh_iter, crop_assgn_ids and queue"
+    kw = dict(crop_assgn_ids=[0, 1]) | kw
+    ids, temp, eps, n_iters = kw["crop_assgn_ids"], kw.get("temp", 0.1), kw.get("eps", 0.05), kw.get("n_sinkh_iter", 3)
+    rec = RecordLoss()
+    cb = SWAV(tiny_pipes(), K=K, queue_start_pct=0.0, freeze_protos_iters=0, **kw)
+    Learner(tiny_dls, tiny_model(), cbs=[cb, rec]).fit(2)
+    n_crops = 4
+    assert len(rec.rows) == 10 and (K is None or sum(r["queue"] is not None for r in rec.rows) >= 7)   # the queue took part
+    for r in rec.rows:
+        ref = ref_loss(r["scores"], r["bs"], ids, n_crops, eps=eps, temp=temp, n_iters=n_iters, queue_out=r["queue"])
+        torch.testing.assert_close(r["loss"], ref, atol=1e-5, rtol=1e-4)
+    if kw != dict(crop_assgn_ids=[0, 1]):   # the test can tell: the defaults give another loss
+        r = rec.rows[-1]
+        default = ref_loss(r["scores"], r["bs"], [0, 1], n_crops, queue_out=r["queue"] if ids == [0, 1] else None)
+        assert (r["loss"] - default).abs() > 1e-4
