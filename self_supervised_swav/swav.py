@@ -20,8 +20,9 @@ from .augmentations import MultiCrop, get_batch_augs, show_crops
 from .checks import SettingError, check_choice, check_in_range, check_nonnegative, check_positive, check_same_length
 from .evaluation import pipeline_normalization
 from .layers import check_encoder_input_size, create_mlp_module, encoder_feature_dim
-from .resume import RandomStateHolder, ResumeRandomState, attach_state, world_rank
-from .swav_state import IterationCounter, SwAVQueue, _dist_on, _float32, attach_swav_state
+from .distributed import is_distributed, world_rank
+from .resume import RandomStateHolder, ResumeRandomState, attach_state
+from .swav_state import IterationCounter, SwAVQueue, _float32, attach_swav_state
 
 _all_ = ["SwAVQueue", "IterationCounter", "attach_swav_state"]   # defined in swav_state, imported from here too
 
@@ -108,7 +109,7 @@ def get_swav_aug_pipelines(
 # %% ../nbs/02_swav.ipynb #c019
 def _all_reduce(t: Tensor, op=None) -> Tensor:
     "All-reduce `t` in place when torch.distributed runs several processes"
-    if _dist_on(): dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
+    if is_distributed(): dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
     return t
 
 @torch.no_grad()
@@ -129,7 +130,7 @@ def _sinkhorn(s: Tensor, eps: float, n_sinkh_iter: int, keep_last: int | None = 
     "Sinkhorn-Knopp on float32 scores `[A, B, n_protos]`, outside autocast"
     n_protos = s.shape[2]
     n_samples = _all_reduce(torch.full((), s.shape[1], dtype=torch.float32, device=s.device))
-    proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if _dist_on() else None)  # [A, 1, n_protos]
+    proto_max = _all_reduce(s.amax(dim=1, keepdim=True), dist.ReduceOp.MAX if is_distributed() else None)  # [A, 1, n_protos]
     q = torch.add(proto_max.div_(-eps), s, alpha=1 / eps)                # (s - max) / eps <= 0: one pass, fresh buffer
     sample_max = q.amax(dim=2, keepdim=True)                             # [A, B, 1], <= 0
     q.sub_(sample_max).exp_()                                            # Q0: entries in (0, 1]

@@ -11,14 +11,13 @@ from torch import Tensor, nn
 from fastcore.basics import patch
 
 from .checks import SettingError
-from .resume import ResizingBuffers, all_gather_stack, attach_state, world_rank
+from .distributed import all_gather_stack, is_distributed, world_rank
+from .resume import ResizingBuffers, attach_state
 
 # %% auto #0
 __all__ = ['SwAVQueue', 'IterationCounter', 'attach_swav_state']
 
 # %% ../nbs/02b_swav_state.ipynb #s006
-def _dist_on() -> bool: return world_rank()[0] > 1
-
 def _float32(t: Tensor):
     "A context where matrix products on `t`'s device run in float32 even inside autocast (mixed precision)"
     return torch.autocast(device_type=t.device.type, enabled=False)
@@ -78,13 +77,13 @@ def configure(self: SwAVQueue, n_assign: int, K: int, dim: int):
                                     f"needs {shape} (len(crop_assgn_ids)={n_assign}, K={K}, projection_size={dim}): pass the K and crop_assgn_ids of "
                                     "that run to continue it, or call learn.swav.reset_queue() to start a new queue.")
         self.reset(shape)
-    if _dist_on() and K > 0: self._take_own_rank()
+    if is_distributed() and K > 0: self._take_own_rank()
 
 @patch
 @torch.no_grad()
 def gather_ranks(self: SwAVQueue):
     "Under DDP: every rank's queue into `rank_embeddings` on every rank, so that rank 0's checkpoint holds them all"
-    if _dist_on() and self.length > 0:
+    if is_distributed() and self.length > 0:
         self.rank_embeddings, self.rank_filled = all_gather_stack(self.embeddings), all_gather_stack(self.filled)
 
 @patch
