@@ -31,14 +31,12 @@ batch of each worker dropped. Contenders are interleaved batch-round by batch-ro
 from __future__ import annotations
 import argparse
 import os
-import sys
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
-from contenders import (CONFIGS, MAX_SCALES, MIN_SCALES, TINY, PILImages, available, lightly_transform,  # noqa: E402
+import harness as H
+from contenders import (CONFIGS, MAX_SCALES, MIN_SCALES, TINY, PILImages, available, lightly_transform,
                         before_augs, make_images, original_augs, swav_augs)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)   # as in the official main_swav.py

@@ -18,7 +18,6 @@ Data: Debian's `dataset-fashion-mnist` (`apt-get install -y dataset-fashion-mnis
 """
 from __future__ import annotations
 import argparse, copy, os, platform, sys, time
-from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
@@ -28,13 +27,12 @@ import fastai.callback.progress  # noqa: F401  progress bars
 import fastai.callback.schedule  # noqa: F401  fit_one_cycle
 from sklearn.cluster import KMeans
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import fashion_mnist as fm   # noqa: E402  the quality benchmark's data loader and encoder
+import fashion_mnist as fm   # the quality benchmark's data loader and encoder
 
-from self_supervised_swav.clusters import cluster_stats, embed_images, prototype_assignments  # noqa: E402
-from self_supervised_swav.data import image_tensor_dls  # noqa: E402
-from self_supervised_swav.evaluation import extract_features, pipeline_normalization, recalibrate_bn  # noqa: E402
-from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines  # noqa: E402
+from self_supervised_swav.clusters import cluster_stats, embed_images, prototype_assignments
+from self_supervised_swav.data import image_tensor_dls
+from self_supervised_swav.evaluation import extract_features, pipeline_normalization, recalibrate_bn
+from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 
 
 def quality(name: str, assignments, labels, n_protos: int) -> dict:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import harness as H   # noqa: F401  (puts tests/ on sys.path, quiets warnings)
+import harness as H   # noqa: F401  (quiets warnings)
 import torch
 from PIL import Image
 from fastai.learner import Learner

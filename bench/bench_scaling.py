@@ -14,12 +14,10 @@ queue 480 per assignment crop when on).
 from __future__ import annotations
 import argparse
 import copy
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
-from contenders import Floor, Project, add_common_args, describe, finish_args, make_images, n_images  # noqa: E402
+import harness as H
+from contenders import Floor, Project, add_common_args, describe, finish_args, make_images, n_images
 
 SWEEPS = ("crops", "protos", "queue")
 

@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp time: the project's `sinkhorn_knopp` against the official SwAV `distributed_sinkhorn`.
 
-The official algorithm (facebookresearch/swav, `main_swav.py`) is `tests/helpers.py`'s `official_sinkhorn_in_dtype`
+The official algorithm (facebookresearch/swav, `main_swav.py`) is the library's `self_supervised_swav.reference.official_sinkhorn_in_dtype`
 (one process: its all-reduces are identities), the copy the tests check the project against. Both get the same
 prototype scores (cosine similarities of random unit embeddings and prototypes) for every batch size B and number of
 prototypes K, in float32 and in bfloat16 (the official code computes in the scores' dtype; the project's computes in
@@ -18,16 +18,14 @@ Contenders are interleaved call by call; each figure is the median over `--repea
 """
 from __future__ import annotations
 import argparse
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
-from helpers import official_sinkhorn, official_sinkhorn_in_dtype  # noqa: E402  (tests/helpers.py)
+import harness as H
+from self_supervised_swav.reference import official_sinkhorn, official_sinkhorn_in_dtype
 
 EPS, N_ITERS = 0.05, 3
 

@@ -20,14 +20,11 @@ time is the time between the ends of consecutive steps, so it includes waiting f
 from __future__ import annotations
 import argparse
 import json
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
-from contenders import CLASSES, DEFAULT, Project, add_common_args, available, describe, finish_args, make_images, n_images  # noqa: E402
+import harness as H
+from contenders import CLASSES, DEFAULT, Project, add_common_args, available, describe, finish_args, make_images, n_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,7 +19,7 @@ used OpenMP and workers use more than 1 thread.
     python bench/ddp_cpu.py --tiny         # a few seconds: what tests/test_distributed.py runs
     python bench/ddp_cpu.py --arch resnet10t --size 32 --bs 32
 
-The processes are started by `tests/helpers.py`'s `run_gloo` (the launcher the tests use), with `--start-method`;
+The processes are started by `harness.run_gloo` (the launcher the tests use too), with `--start-method`;
 each times its own steps (`harness.time_each`), so start-up and imports are never timed. The queue (a `SwAVQueue`)
 starts full of random unit embeddings (`contenders.fill_queue`), so that it enters Sinkhorn from the first step.
 """
@@ -28,19 +28,16 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness as H  # noqa: E402
-import helpers  # noqa: E402  (tests/helpers.py: the gloo launcher)
-from contenders import fill_queue  # noqa: E402
-from self_supervised_swav.layers import create_encoder  # noqa: E402
-from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines, swav_codes, swav_loss  # noqa: E402
+import harness as H
+from contenders import fill_queue
+from self_supervised_swav.layers import create_encoder
+from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines, swav_codes, swav_loss
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,14 +70,14 @@ def _model(arch: str, n_protos: int) -> nn.Module:
 
 @contextlib.contextmanager
 def _start_method(method: str):
-    "`helpers.start_gloo` starting its processes with `method` while the block runs"
-    old, helpers.START_METHOD = helpers.START_METHOD, method
+    "`harness.start_gloo` starting its processes with `method` while the block runs"
+    old, H.START_METHOD = H.START_METHOD, method
     try: yield
-    finally: helpers.START_METHOD = old
+    finally: H.START_METHOD = old
 
 
 def _worker(rank: int, world: int, out_dir: str, a: argparse.Namespace, bs: int, threads: int):
-    "One gloo process (started by `helpers.run_gloo`): train `a.warmup + a.steps` steps, save its figures"
+    "One gloo process (started by `harness.run_gloo`): train `a.warmup + a.steps` steps, save its figures"
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = _model(a.arch, a.n_protos)
@@ -102,7 +99,7 @@ def _worker(rank: int, world: int, out_dir: str, a: argparse.Namespace, bs: int,
     rss0 = H.rss_mib()
     torch.distributed.barrier()
     times = H.time_each(step, a.warmup + a.steps, torch.device("cpu"))[a.warmup:]
-    helpers.save_result(out_dir, rank, step_ms=1e3 * statistics.median(times), loss=losses[-1], max_rss_mib=H.max_rss_mib(),
+    H.save_result(out_dir, rank, step_ms=1e3 * statistics.median(times), loss=losses[-1], max_rss_mib=H.max_rss_mib(),
                         rss_growth_mib=H.rss_mib() - rss0)
 
 
@@ -110,7 +107,7 @@ def run_config(a: argparse.Namespace, nprocs: int, bs: int, label: str, threads:
     "Run one configuration in `nprocs` fresh processes; the slowest rank's step time, the largest RSS"
     threads = threads or a.threads or max(1, (os.cpu_count() or 1) // nprocs)
     with tempfile.TemporaryDirectory() as d, _start_method(a.start_method):
-        ranks = helpers.run_gloo(_worker, d, a, bs, threads, world=nprocs, timeout=a.timeout)
+        ranks = H.run_gloo(_worker, d, a, bs, threads, world=nprocs, timeout=a.timeout)
     step = max(r["step_ms"] for r in ranks)
     return dict(label=label, nprocs=nprocs, threads=threads, bs=bs, global_bs=bs * nprocs, step_ms=step,
                 img_per_s=1e3 * bs * nprocs / step, max_rss_mib=max(r["max_rss_mib"] for r in ranks),

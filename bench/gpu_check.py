@@ -56,7 +56,6 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
 
 PARTS = ["env", "tests", "sinkhorn", "step", "syncs", "memory", "augs", "fashion_mnist"]
 CAPS = dict(env=30, tests=75, sinkhorn=45, step=100, syncs=50, memory=45, augs=75, fashion_mnist=150)   # seconds on a GPU

@@ -1,10 +1,11 @@
-"""The timing harness of the benchmark scripts: timers, interleaved rounds, paired ratios, memory, phases, tables.
+"""The timing harness of the benchmark scripts: timers, interleaved rounds, paired ratios, memory, processes, phases, tables.
 
 A contender is any object with a `name` and a `run(n) -> list[float]` giving the seconds of `n` steps. The scripts
 build contenders and hand them to `run_interleaved`; everything else here is the measuring and the reporting.
 
-Importing this module also puts `tests/` on `sys.path`, so that the scripts take the shared reference implementations
-and tiny models from `tests/helpers.py` (one copy for the tests and the benchmarks).
+The scripts run as `python bench/NAME.py` (Python puts `bench/` on `sys.path`, so `import harness` works) and take the
+official reference code from the library (`self_supervised_swav.reference`), never from `tests/`. The gloo launcher
+(`run_gloo`, `save_result`) lives here, shared with the multi-process tests (pytest's `pythonpath` holds `bench/`).
 """
 from __future__ import annotations
 import argparse
@@ -17,12 +18,16 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # `import helpers`
+START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")   # of `start_gloo`'s processes
+
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -119,6 +124,39 @@ def in_fresh_process(script: str, settings: dict) -> dict:
 def child_settings(child: str) -> argparse.Namespace:
     "The settings `in_fresh_process` passed (the parsed arguments of the parent, changed where it chose)"
     return argparse.Namespace(**json.loads(child))
+
+
+# ---- gloo process groups (the launcher of `ddp_cpu.py` and of the multi-process tests)
+def _entry(rank: int, fn, world: int, store: str, args: tuple, timeout: float):
+    "Body of one process: RANK/WORLD_SIZE as torchrun sets them (fastai reads them), join the gloo group, run `fn`, leave"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    try: fn(rank, world, *args)
+    finally: dist.destroy_process_group()
+
+
+def start_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> None:
+    "Run `fn(rank, world, out_dir, *args)` in `world` gloo processes and wait for them (killed after `timeout` s)"
+    ctx = mp.start_processes(_entry, args=(fn, world, str(Path(out_dir) / "store"), (out_dir, *args), timeout), nprocs=world,
+                             join=False, start_method=START_METHOD)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive(): p.kill()
+            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+
+
+def run_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> list:
+    "`start_gloo`, then what each rank saved with `save_result`, rank by rank"
+    start_gloo(fn, out_dir, *args, world=world, timeout=timeout)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def save_result(out_dir: Path, rank: int, **results):
+    "Save this rank's results for `run_gloo`"
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
 # ---- output

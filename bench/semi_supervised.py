@@ -15,7 +15,6 @@ epochs per label budget is fixed in advance (`--epochs`), not chosen on the test
 from __future__ import annotations
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fashion_mnist as fm   # noqa: E402  the quality benchmark's data, encoder and results file
+import fashion_mnist as fm   # the quality benchmark's data, encoder and results file
 
 
 def balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:

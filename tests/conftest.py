@@ -1,8 +1,10 @@
-"Shared fixtures: small real images (scikit-learn digits) and a tiny SwAV setup, fast on 2 CPU cores."
+"Shared fixtures: small real images (scikit-learn digits) and a tiny SwAV setup, fast on 2 CPU cores. Helpers: `helpers.py`."
 import os
 import warnings
 import pytest
 import torch
+
+from helpers import digits_dls
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -28,14 +30,16 @@ def digits_at():
 
 
 @pytest.fixture(scope="session")
-def digits(digits_at): return digits_at(24)
+def digits(digits_at):
+    "All 1797 digits at 24 px: (images [N, 1, 24, 24] in [0, 1], labels)"
+    return digits_at(24)
 
 
-def digits_dls(digits: tuple, n: int, bs: int):
-    "DataLoaders of the first `n` digits, 80 % train / 20 % valid, on the CPU"
-    from self_supervised_swav.data import image_tensor_dls
-    x, y = digits
-    return image_tensor_dls(x[:n], y[:n], valid_pct=0.2, bs=bs, device="cpu")
+@pytest.fixture(scope="session")
+def digits64(digits_at):
+    "The first 64 digits at 16 px (48 training images in 3 batches of 16 with `valid_pct=0.25`): the resume tests' data"
+    x, y = digits_at(16)
+    return x[:64], y[:64]
 
 
 @pytest.fixture

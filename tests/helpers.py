@@ -1,26 +1,36 @@
-"""Helpers shared by the tests and the benchmark scripts (`bench/` puts `tests/` on `sys.path`): one copy of each.
+"""Helpers of the tests, one copy of each (pytest finds this module through `pythonpath` in `pyproject.toml`):
 
 * `official_sinkhorn`, `official_sinkhorn_in_dtype`, `official_swav_loss`: re-exported from the library's
   `self_supervised_swav.reference` (the official formulas of facebookresearch/swav, written plainly);
-* `tiny_encoder` / `tiny_swav_model`: a 2-conv SwAV model that trains in milliseconds on CPU;
+* `tiny_encoder` / `tiny_swav_model`: a 2-conv SwAV model that trains in milliseconds on CPU; `resnet_swav_model`: the
+  same heads on a randomly initialised resnet10t (spatial feature maps, as the commands build);
 * `tiny_pipelines`: multi-crop pipelines without colour or blur (gray digits), 2 large + 2 small crops;
-* `run_gloo` / `save_result`: run a function in several gloo processes and collect what each rank saved.
+* `digits_dls`, `digits_folder`: the scikit-learn digits as in-memory `DataLoaders` or as a folder of PNGs;
+* `Interrupt` / `KeepAt`: stop a fit at the start of an epoch / keep something of the learner when an epoch's training begins;
+* `on_checkpoint`, `run_main`, `child_env`: act right after a run's checkpoint of an epoch is written (raise, or signal the
+  process itself); call a command's `main(argv)` here (exit status, stderr); the environment of a child Python process.
+
+The gloo launcher (`run_gloo`, `save_result`) is shared with the benchmarks: it lives in `bench/harness.py`.
 """
 from __future__ import annotations
 import os
-import time
-from datetime import timedelta
+import io
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from fastai.callback.core import Callback, CancelFitException
+from PIL import Image
 from torch import nn
 
+from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.reference import official_sinkhorn, official_sinkhorn_in_dtype, official_swav_loss  # noqa: F401 (re-exported)
+from self_supervised_swav.resume import ResumeRandomState
 from self_supervised_swav.swav import create_swav_model, get_swav_aug_pipelines
 
-START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")
+TESTS = Path(__file__).resolve().parent
 
 
 def tiny_encoder(n_in: int = 1, bn: bool = False) -> nn.Module:
@@ -47,6 +57,13 @@ class HandMadeSwAV(nn.Module):
         return z, self.prototypes(z)
 
 
+def resnet_swav_model(n_in: int = 1, n_protos: int = 6) -> nn.Module:
+    "A SwAVModel around a randomly initialised resnet10t (seeded: the same weights at each call), in eval mode"
+    torch.manual_seed(0)
+    return create_swav_model(create_encoder("resnet10t", pretrained=False, n_in=n_in), hidden_size=32, projection_size=16,
+                             n_protos=n_protos).eval()
+
+
 def tiny_pipelines(sizes: tuple[int, int] = (16, 8), num_crops: tuple[int, int] = (2, 2), **kwargs):
     "Multi-crop pipelines for gray digits: no colour, no blur, no normalisation"
     kw = dict(rotate=False, jitter=False, bw=False, blur=False, stats=None) | kwargs
@@ -54,34 +71,71 @@ def tiny_pipelines(sizes: tuple[int, int] = (16, 8), num_crops: tuple[int, int] 
                                   max_scales=[1., 0.3], **kw)
 
 
-# ---- gloo process groups
-def _entry(rank: int, fn, world: int, store: str, args: tuple, timeout: float):
-    "Body of one process: RANK/WORLD_SIZE as torchrun sets them (fastai reads them), join the gloo group, run `fn`, leave"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    try: fn(rank, world, *args)
-    finally: dist.destroy_process_group()
+# ---- data
+def digits_dls(digits: tuple, n: int, bs: int):
+    "DataLoaders of the first `n` of `digits` (images, labels), 80 % train / 20 % valid, on the CPU"
+    from self_supervised_swav.data import image_tensor_dls
+    x, y = digits
+    return image_tensor_dls(x[:n], y[:n], valid_pct=0.2, bs=bs, device="cpu")
 
 
-def start_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> None:
-    "Run `fn(rank, world, out_dir, *args)` in `world` gloo processes and wait for them (killed after `timeout` s)"
-    ctx = mp.start_processes(_entry, args=(fn, world, str(Path(out_dir) / "store"), (out_dir, *args), timeout), nprocs=world,
-                             join=False, start_method=START_METHOD)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+def digits_folder(root: Path, digits: tuple, n: int = 20, rgb: bool = False, classes: tuple = (0, 1)) -> Path:
+    "`n` of `digits` (images, labels) of `classes` as PNGs in one sub-folder per class (`class_0`, ...); `rgb`: RGB files, halved"
+    x, y = digits
+    per = -(-n // len(classes))
+    keep = torch.cat([(y == c).nonzero()[:per] for c in classes]).flatten()[:n]
+    for i in keep.tolist():
+        d = root / f"class_{y[i].item()}"; d.mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8))
+        (im.convert("RGB").point(lambda v: v // 2) if rgb else im).save(d / f"{i}.png")
+    return root
 
 
-def run_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> list:
-    "`start_gloo`, then what each rank saved with `save_result`, rank by rank"
-    start_gloo(fn, out_dir, *args, world=world, timeout=timeout)
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+# ---- stopping a fit, and looking at it
+class Interrupt(Callback):
+    "Stop the fit at the start of epoch `epoch`, as a crash between epochs would; `kept` holds `keep(learn)` of that moment"
+    order = -20
+    def __init__(self, epoch: int, keep: Callable[[Any], Any] | None = None): self.stop_epoch, self.keep, self.kept = epoch, keep, None
+    def before_epoch(self):
+        if self.epoch != self.stop_epoch: return
+        if self.keep is not None: self.kept = self.keep(self.learn)
+        raise CancelFitException()
 
 
-def save_result(out_dir: Path, rank: int, **results):
-    "Save this rank's results for `run_gloo`"
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+class KeepAt(Callback):
+    "`kept`: `keep(learn)` when the training of epoch `epoch` begins, after `ResumeRandomState` has restored the random states"
+    order = ResumeRandomState.order + 1
+    def __init__(self, epoch: int, keep: Callable[[Any], Any]): self.at, self.keep, self.kept = epoch, keep, None
+    def before_train(self):
+        if self.epoch == self.at: self.kept = self.keep(self.learn)
+
+
+@contextmanager
+def on_checkpoint(epoch: int, action: Callable[[], None] | BaseException):
+    "Inside: right after the run's checkpoint of epoch `epoch` is written (`checkpoint.save_checkpoint`), `action()` runs (or is raised)"
+    import self_supervised_swav.checkpoint as ck
+    orig = ck.save_checkpoint
+    def save(learn, path, epoch_, *args, **kwargs):
+        res = orig(learn, path, epoch_, *args, **kwargs)
+        if epoch_ != epoch: return res
+        if isinstance(action, BaseException): raise action
+        action()
+        return res
+    ck.save_checkpoint = save
+    try: yield
+    finally: ck.save_checkpoint = orig
+
+
+def run_main(main: Callable, *argv) -> tuple[int, str]:
+    "Call a command's `main(argv)` in this process: (its exit status, what it wrote on stderr); its stdout is dropped"
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        try: main([str(a) for a in argv]); code = 0
+        except SystemExit as e: code = e.code if isinstance(e.code, int) else 1
+    return code, err.getvalue()
+
+
+def child_env(**env: str) -> dict:
+    "The environment of a child Python process: as many torch threads as here (the same float rounding), `tests/` importable"
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return os.environ | dict(OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=path) | env

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[1] / "bench"   # importable by name too: pytest's `pythonpath`
 HAVE_LIGHTLY = importlib.util.find_spec("lightly") is not None
 HAVE_ORIGINAL = importlib.util.find_spec("self_supervised") is not None   # the original library (bench environment only)
 
@@ -97,16 +96,26 @@ def test_bench_scaling(run_main):
 
 
 # ---- what the benchmarks compare against
-def test_official_sinkhorn_matches_project():
-    "The official Sinkhorn the bench times (in the scores' dtype) is the tests' float64 reference, and the project's codes"
-    from bench_sinkhorn import scores_for
-    from helpers import official_sinkhorn, official_sinkhorn_in_dtype
-    from self_supervised_swav.swav import sinkhorn_knopp
+def test_official_side_of_bench_sinkhorn_matches_the_project():
+    """What bench_sinkhorn times as the official side is the official algorithm and gives the project's codes: with a queue
+    (`official_codes`: Sinkhorn over queue + batch, the batch's rows kept) and without; in float32 it stays within
+    rounding of float64; its codes are distributions over the prototypes and spread the batch evenly over them"""
+    from bench_sinkhorn import EPS, N_ITERS, official_codes, scores_for
+    from self_supervised_swav.reference import official_sinkhorn, official_sinkhorn_in_dtype
+    from self_supervised_swav.swav import sinkhorn_knopp, swav_codes
     for n, k in [(16, 10), (5, 40), (64, 3)]:
         s = scores_for(n, k, torch.device("cpu"))
-        torch.testing.assert_close(official_sinkhorn_in_dtype(s.double()), official_sinkhorn(s), rtol=0, atol=0)
-        torch.testing.assert_close(official_sinkhorn(s).float(), sinkhorn_knopp(s), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(official_sinkhorn_in_dtype(s), sinkhorn_knopp(s), rtol=1e-4, atol=1e-5)
+        q64 = official_sinkhorn(s, EPS, N_ITERS)
+        assert q64.dtype == torch.float64 and not torch.equal(official_sinkhorn_in_dtype(s, EPS, N_ITERS).double(), q64)  # float32 ran
+        torch.testing.assert_close(official_sinkhorn_in_dtype(s, EPS, N_ITERS).double(), q64, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(q64.sum(1), torch.ones(n, dtype=torch.float64))               # each sample: a distribution
+        torch.testing.assert_close(q64.sum(0), torch.full((k,), n / k, dtype=torch.float64), rtol=0.1, atol=0.05 * n / k)  # near equal share
+        torch.testing.assert_close(sinkhorn_knopp(s, EPS, N_ITERS), q64.float(), rtol=1e-4, atol=1e-6)
+    bs, queue, k = 8, 24, 10
+    s, qs = scores_for(2 * bs, k, torch.device("cpu")), scores_for(2 * queue, k, torch.device("cpu"), seed=1).view(2, queue, k)
+    with_queue = official_codes(s.double(), qs.double(), bs)
+    assert with_queue.shape == (2, bs, k) and not torch.allclose(with_queue, official_codes(s.double(), None, bs))   # the queue counts
+    torch.testing.assert_close(swav_codes(s, bs, [0, 1], EPS, N_ITERS, qs), with_queue.float(), rtol=1e-4, atol=1e-6)
 
 
 def test_harness_interleaves_and_pairs():

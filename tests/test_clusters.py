@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 
@@ -18,19 +17,14 @@ import self_supervised_swav.clusters as clusters
 import self_supervised_swav.finetune as finetune
 from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, main, nearest_images,
                                            prototype_assignments, show_feature_map, show_prototypes, swav_cluster)
-from self_supervised_swav.layers import create_encoder
-from self_supervised_swav.swav import SwAVModel, create_swav_model, sinkhorn_knopp
+from self_supervised_swav.swav import SwAVModel, sinkhorn_knopp
+from helpers import digits_folder, resnet_swav_model
 
 SIZE, N_PROTOS = 16, 6
 
 
-def tiny_model(n_in=1):
-    torch.manual_seed(0)
-    return create_swav_model(create_encoder("resnet10t", pretrained=False, n_in=n_in), hidden_size=32, projection_size=16, n_protos=N_PROTOS).eval()
-
-
 @pytest.fixture(scope="module")
-def model(): return tiny_model()
+def model(): return resnet_swav_model()
 
 
 @pytest.fixture
@@ -165,17 +159,6 @@ def load_returns(monkeypatch, model, meta):
     monkeypatch.setattr(clusters, "load_swav_model", lambda path: (model, meta))
 
 
-def digits_folder(root: Path, digits_at, n=20, rgb=False) -> Path:
-    "n digits as PNGs in one sub-folder per class (0, 1)"
-    x, y = digits_at(24)
-    keep = torch.cat([(y == 0).nonzero()[: n // 2], (y == 1).nonzero()[: n - n // 2]]).flatten()
-    for i in keep.tolist():
-        d = root / f"class_{y[i].item()}"; d.mkdir(parents=True, exist_ok=True)
-        im = Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8))
-        (im.convert("RGB").point(lambda v: v // 2) if rgb else im).save(d / f"{i}.png")
-    return root
-
-
 def run(argv, capsys):
     with pytest.raises(SystemExit) as e: main(argv)
     err = capsys.readouterr().err
@@ -184,7 +167,7 @@ def run(argv, capsys):
 
 
 def test_swav_cluster_end_to_end(tmp_path, model, digits_at, capsys):
-    folder = digits_folder(tmp_path / "imgs", digits_at)
+    folder = digits_folder(tmp_path / "imgs", digits_at(24))
     (folder / "class_0" / "broken.png").write_bytes(b"not a png")          # skipped and counted
     out = tmp_path / "out"
     main(["--model", str(save_model(tmp_path / "swav_model.pth", model)), "--path", str(folder), "--output", str(out),
@@ -205,14 +188,14 @@ def test_swav_cluster_end_to_end(tmp_path, model, digits_at, capsys):
 
 
 def test_swav_cluster_unlabelled_flat_folder(tmp_path, model, digits_at):
-    folder = digits_folder(tmp_path / "imgs", digits_at, n=6)
+    folder = digits_folder(tmp_path / "imgs", digits_at(24), n=6)
     for f in list(folder.rglob("*.png")): f.rename(folder / f.name)
     s = swav_cluster(str(save_model(tmp_path / "m.pth", model)), str(folder), output=str(tmp_path / "o"), progress=False)
     assert not s["labelled"] and s["nmi"] is None and s["n_images"] == 6
 
 
 def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, monkeypatch, capsys):
-    folder = digits_folder(tmp_path / "imgs", digits_at, n=4)
+    folder = digits_folder(tmp_path / "imgs", digits_at(24), n=4)
     good = str(save_model(tmp_path / "m.pth", model))
     common = ["--output", str(tmp_path / "o"), "--no_progress"]
     (tmp_path / "text.pth").write_text("hello")
@@ -228,7 +211,7 @@ def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, monkeypatch, capsys
     assert "does not exist" in run(["--model", good, "--path", str(tmp_path / "nowhere")] + common, capsys)
     broken = tmp_path / "broken"; broken.mkdir(); (broken / "a.png").write_bytes(b"garbage")
     assert "can be read" in run(["--model", good, "--path", str(broken)] + common, capsys)
-    colour = digits_folder(tmp_path / "colour", digits_at, n=4, rgb=True)
+    colour = digits_folder(tmp_path / "colour", digits_at(24), n=4, rgb=True)
     assert "--convert" in run(["--model", good, "--path", str(colour)] + common, capsys)
     assert swav_cluster(good, str(colour), convert=True, output=str(tmp_path / "o2"), progress=False)["n_images"] == 4
     # a model that takes only one image size: an encoder of fixed-size input

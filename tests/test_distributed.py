@@ -24,7 +24,8 @@ from fastai.torch_core import get_model, set_seed
 from self_supervised_swav.data import image_tensor_dls
 from self_supervised_swav.distributed import all_gather_stack, is_distributed, is_main_process, world_rank
 from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes, swav_loss
-from helpers import official_sinkhorn, run_gloo, save_result as _save, tiny_pipelines, tiny_swav_model
+from harness import run_gloo, save_result as _save
+from helpers import official_sinkhorn, tiny_pipelines, tiny_swav_model
 
 REPO = Path(__file__).resolve().parents[1]
 

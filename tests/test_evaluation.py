@@ -15,7 +15,7 @@ from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsage, Prototy
                                              linear_probe_accuracy, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
-from conftest import digits_dls
+from helpers import digits_dls
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ from torch import nn
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner.to_fp16)
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (patches Learner.no_bar)
-from fastai.learner import CancelFitException, Learner
+from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
-from self_supervised_swav.data import digits_images, image_tensor_dls
-from self_supervised_swav.resume import ResumeRandomState
+from self_supervised_swav.data import image_tensor_dls
 from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes
 import helpers
 from helpers import official_sinkhorn, tiny_pipelines
@@ -28,16 +27,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CROP_IDS = [0, 1]
 
 
-@pytest.fixture(scope="module")
-def digits():
-    x, y = digits_images(size=16)
-    return x[:64], y[:64]
-
-
-def cuda_learner(digits, path, model_seed=0, K=40, cbs=()) -> Learner:
+def cuda_learner(digits64, path, model_seed=0, K=40, cbs=()) -> Learner:
     "48 training images in 3 batches of 16 on the GPU, a tiny BatchNorm SwAV model, a queue of 40"
     set_seed(0, reproducible=True)
-    dls = image_tensor_dls(*digits, bs=16, valid_pct=0.25, device="cuda")
+    dls = image_tensor_dls(*digits64, bs=16, valid_pct=0.25, device="cuda")
     torch.manual_seed(model_seed)
     swav = SWAV(tiny_pipelines(), CROP_IDS, K=K, queue_start_pct=0.1, freeze_protos_iters=2)
     return Learner(dls, helpers.tiny_swav_model(bn=True).cuda(), cbs=[swav, LossLog(), *cbs], path=path)
@@ -56,28 +49,16 @@ class LossLog(Callback):
         if self.training and scaler is not None: self.scales.append((scaler.is_enabled(), scaler.get_scale()))
 
 
-class Interrupt(Callback):
-    "Stop the fit at the start of epoch `epoch`, keeping the CUDA random state there"
-    def __init__(self, epoch: int): self.stop_epoch, self.cuda_rng = epoch, None
-    def before_epoch(self):
-        if self.epoch == self.stop_epoch: self.cuda_rng = torch.cuda.get_rng_state(); raise CancelFitException()
-
-
-class CudaRngAt(Callback):
-    "The CUDA random state at the start of epoch `epoch`'s training, after `ResumeRandomState` restored it"
-    order = ResumeRandomState.order + 1
-    def __init__(self, epoch: int): self.at, self.cuda_rng = epoch, None
-    def before_train(self):
-        if self.epoch == self.at: self.cuda_rng = torch.cuda.get_rng_state()
+def cuda_rng(learn) -> torch.Tensor: return torch.cuda.get_rng_state()
 
 
 def fit(learn, n_epoch=2, start_epoch=0):
     with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch, lr=3e-3, start_epoch=start_epoch)
 
 
-def test_fp16_with_grad_scaler(digits, tmp_path):
+def test_fp16_with_grad_scaler(digits64, tmp_path):
     "learn.to_fp16(): the scores come out in float16, the loss is finite, the scaler is on, and skipped steps still count"
-    learn = cuda_learner(digits, tmp_path).to_fp16()
+    learn = cuda_learner(digits64, tmp_path).to_fp16()
     before = [p.detach().clone() for p in learn.model.parameters()]
     fit(learn)
     log = learn.loss_log
@@ -89,29 +70,29 @@ def test_fp16_with_grad_scaler(digits, tmp_path):
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
 
 
-def test_bf16_autocast(digits, tmp_path):
+def test_bf16_autocast(digits64, tmp_path):
     "learn.to_bf16(): bfloat16 scores, finite float32 loss"
-    learn = cuda_learner(digits, tmp_path).to_bf16()
+    learn = cuda_learner(digits64, tmp_path).to_bf16()
     fit(learn, 1)
     assert learn.loss_log.score_dtypes == {torch.bfloat16} and all(np.isfinite(learn.loss_log.losses))
 
 
-def test_checkpoint_keeps_cuda_random_state(digits, tmp_path):
+def test_checkpoint_keeps_cuda_random_state(digits64, tmp_path):
     "Interrupted after epoch 1, saved, loaded into a fresh model: the CUDA random state and the losses retrace the full run"
-    full = cuda_learner(digits, tmp_path)
+    full = cuda_learner(digits64, tmp_path)
     fit(full)
-    stop = Interrupt(1)
-    first = cuda_learner(digits, tmp_path, cbs=[stop])
+    stop = helpers.Interrupt(1, keep=cuda_rng)
+    first = cuda_learner(digits64, tmp_path, cbs=[stop])
     fit(first)
     states = first.model.random_state.states
     assert int(states[0][2]) == torch.cuda.device_count()   # rng_state_tensor: [header length, loaders, CUDA states, ...]
     first.save("ckpt")
 
     torch.manual_seed(123); torch.cuda.manual_seed_all(123); random.seed(123); np.random.seed(123)
-    at1 = CudaRngAt(1)
-    resumed = cuda_learner(digits, tmp_path, model_seed=1, cbs=[at1]).load("ckpt")
+    at1 = helpers.KeepAt(1, keep=cuda_rng)
+    resumed = cuda_learner(digits64, tmp_path, model_seed=1, cbs=[at1]).load("ckpt")
     fit(resumed, start_epoch=1)
-    assert torch.equal(at1.cuda_rng, stop.cuda_rng)
+    assert torch.equal(at1.kept, stop.kept)
     n = len(full.dls.train)
     torch.testing.assert_close(torch.tensor(resumed.loss_log.losses), torch.tensor(full.loss_log.losses[n:]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(resumed.swav.queue, full.swav.queue, atol=1e-4, rtol=1e-4)

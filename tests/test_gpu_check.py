@@ -6,14 +6,12 @@ Nothing here needs a GPU or measures speed.
 from __future__ import annotations
 import importlib
 import json
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[1] / "bench"   # importable by name too: pytest's `pythonpath`
 
 
 def gpu_check(): return importlib.import_module("gpu_check")

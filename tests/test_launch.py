@@ -4,7 +4,6 @@ two machines on 127.0.0.1, and `accelerate launch`. Each runs the user-style scr
 
 A launched interpreter spends ~8 s importing torch and fastai: each launch takes 15-20 s on two busy cores, so the
 fresh two-process run is shared by the tests that read it (module fixture)."""
-import os
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from helpers import tiny_swav_model
+from helpers import child_env, tiny_swav_model
 from self_supervised_swav.swav import swav_codes, swav_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,8 @@ def _free_port() -> int:
 
 
 def _env(tmp: Path) -> dict:
-    "The children's environment: one torch thread each, no user-level Accelerate config"
-    return os.environ | dict(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"), PYTHONWARNINGS="ignore")
+    "The children's environment: one torch thread each, no user-level Accelerate config, `tests/` importable (the script's helpers)"
+    return child_env(OMP_NUM_THREADS="1", HF_HOME=str(tmp / "hf"), PYTHONWARNINGS="ignore")
 
 
 def _check(proc: subprocess.CompletedProcess) -> str:

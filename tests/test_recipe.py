@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from fastai.callback.core import CancelFitException, Callback
 from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 
-from conftest import digits_dls
+from helpers import Interrupt, digits_dls
 from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor
 from self_supervised_swav.checks import SettingError
 from self_supervised_swav.plots import plot_run, run_history
@@ -145,12 +144,6 @@ def test_schedule_bad_values():
         assert msg in str(e.value) and e.value.param == next(iter(kw))
 
 
-class StopAfter(Callback):
-    def __init__(self, n): self.n = n
-    def after_epoch(self):
-        if self.epoch + 1 == self.n: raise CancelFitException()
-
-
 def regression_learner(path, opt="lars"):
     torch.manual_seed(0)
     x = torch.randn(40, 3); y = x @ torch.tensor([[1.], [-2.], [0.5]])
@@ -166,7 +159,7 @@ def test_fit_warmup_cosine_lrs_and_resume(tmp_path, opt):
     with full.no_bar(), full.no_logging(): full.fit_warmup_cosine(4, lr=0.5, warmup_epochs=1, start_warmup=0.1)
     np.testing.assert_allclose(full.recorder.lrs, official_schedule(0.5, 0.0005, 4, 5, 1, 0.1), rtol=1e-9)
     first = regression_learner(tmp_path, opt)
-    with first.no_bar(), first.no_logging(): first.fit_warmup_cosine(4, lr=0.5, warmup_epochs=1, start_warmup=0.1, cbs=StopAfter(2))
+    with first.no_bar(), first.no_logging(): first.fit_warmup_cosine(4, lr=0.5, warmup_epochs=1, start_warmup=0.1, cbs=Interrupt(2))
     first.save("half", with_opt=True)
     resumed = regression_learner(tmp_path, opt)
     resumed.load("half", with_opt=True)
@@ -192,11 +185,15 @@ def values(d): return {k: v for k, (v, _) in d.items()}
 
 def test_settings_reproduce_official_configs():
     big = values(suggest_swav_settings(1_281_167, 4096, 800, n_classes=1000, opt="lars"))
-    assert (big["n_protos"], big["K"], big["freeze_protos_iters"], big["warmup_epochs"], big["wd"], big["eps"]) == (3000, 0, 312, 10, 1e-6, 0.05)
+    assert (big["n_protos"], big["K"], big["warmup_epochs"], big["wd"], big["eps"]) == (3000, 0, 10, 1e-6, 0.05)
     assert math.isclose(big["lr"], 4.8) and math.isclose(big["final_lr"], 0.0048)
     small = values(suggest_swav_settings(1_281_167, 256, 400, opt="lars"))
-    assert (small["n_protos"], small["K"], small["freeze_protos_iters"], small["warmup_epochs"]) == (3000, 3840, 5004, 0)
+    assert (small["n_protos"], small["K"], small["warmup_epochs"]) == (3000, 3840, 0)
     assert math.isclose(small["lr"], 0.6) and math.isclose(small["queue_start_pct"], 15 / 400)
+    # frozen prototypes: one epoch of a loader that drops its last partial batch (fastai's, and the official DataLoader's
+    # drop_last=True), 1281167 // 4096 = 312 and 1281167 // 256 = 5004 iterations. NOT the official configs' values: their
+    # freeze_prototypes_niters 313 and 5005 are ceil(1281167 / bs), one iteration more than such an epoch.
+    assert (big["freeze_protos_iters"], small["freeze_protos_iters"]) == (1_281_167 // 4096, 1_281_167 // 256) == (312, 5004)
 
 
 def test_settings_project_measurements():

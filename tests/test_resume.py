@@ -22,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (patches Learner.no_bar)
 from fastai.callback.schedule import fit_one_cycle    # noqa: F401  (patches Learner.fit_one_cycle)
-from fastai.learner import CancelFitException, Learner
+from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from self_supervised_swav.data import digits_images, image_tensor_dls
 from self_supervised_swav.swav import SWAV, create_swav_model
 import helpers
-from helpers import run_gloo, save_result, tiny_pipelines
+from harness import run_gloo, save_result
+from helpers import Interrupt, KeepAt, tiny_pipelines
 
 CROP_IDS = [0, 1]
 N_EPOCH = 2
@@ -40,16 +41,11 @@ def tiny_swav_model(n_protos: int = 10, projection_size: int = 16) -> nn.Module:
 
 aug_pipelines = tiny_pipelines
 
-@pytest.fixture(scope="module")
-def digits():
-    x, y = digits_images(size=16)
-    return x[:64], y[:64]
-
-def make_learner(digits, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=(), resume_rng=True,
+def make_learner(digits64, path, model_seed=0, K=40, n_protos=10, projection_size=16, crop_ids=CROP_IDS, freeze=4, cbs=(), resume_rng=True,
                  hand_made=False):
     "48 training images in 3 batches of 16; over 2 epochs the queue (K=40) fills from the 2nd batch, is full after the 4th, in use from the 5th"
     set_seed(0, reproducible=True)                 # the same shuffling for every learner...
-    dls = image_tensor_dls(*digits, bs=16, valid_pct=0.25, device="cpu")
+    dls = image_tensor_dls(*digits64, bs=16, valid_pct=0.25, device="cpu")
     torch.manual_seed(model_seed)                  # ...and a model initialised from `model_seed`
     swav = SWAV(aug_pipelines(), crop_ids, K=K, queue_start_pct=0.1, freeze_protos_iters=freeze, resume_rng=resume_rng)
     model = helpers.HandMadeSwAV(n_protos, projection_size, bn=True) if hand_made else tiny_swav_model(n_protos, projection_size)
@@ -64,19 +60,6 @@ def assert_same_rng(a: dict, b: dict):
     assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"] and a["dls"] == b["dls"]
     assert a["numpy"][0] == b["numpy"][0] and np.array_equal(a["numpy"][1], b["numpy"][1]) and a["numpy"][2:] == b["numpy"][2:]
 
-class Interrupt(Callback):
-    "Stop fit at the start of epoch `epoch`, as a crash between epochs would; keep the RNG states of that moment"
-    order = -20
-    def __init__(self, epoch: int): self.stop_epoch, self.rng = epoch, None
-    def before_epoch(self):
-        if self.epoch == self.stop_epoch: self.rng = rng_state(self.learn); raise CancelFitException()
-
-class RngAtEpoch(Callback):
-    "The RNG states when training of epoch `epoch` begins, after `ResumeRandomState` (order 55) has restored them"
-    order = 56
-    def __init__(self, epoch: int): self.at, self.rng = epoch, None
-    def before_train(self):
-        if self.epoch == self.at: self.rng = rng_state(self.learn)
 
 class RawLosses(Callback):
     "The loss of every training batch (`recorder.losses` holds a smoothed loss, restarted at every fit)"
@@ -103,24 +86,24 @@ def _fit(learn, method, start_epoch=0):
 
 @pytest.mark.parametrize("method,K,hand_made", [("fit", 40, False), ("fit_one_cycle", 40, False), ("fit", 40, True), ("fit", None, True)],
                          ids=["fit", "fit_one_cycle", "hand-made-model", "hand-made-model-no-queue"])
-def test_resume_retraces_uninterrupted_run(digits, tmp_path, method, K, hand_made):
+def test_resume_retraces_uninterrupted_run(digits64, tmp_path, method, K, hand_made):
     """Interrupted after epoch 1 with a half-full queue, saved, loaded into a new model and resumed: the same RNG states, losses and queue.
     A hand-made model (not a SwAVModel) gets the same state modules from SWAV and resumes exactly too, with and without a queue."""
-    full = make_learner(digits, tmp_path, K=K, hand_made=hand_made)
+    full = make_learner(digits64, tmp_path, K=K, hand_made=hand_made)
     _fit(full, method)
     n_iter = len(full.dls.train)
 
-    stop = Interrupt(1)
-    first = make_learner(digits, tmp_path, K=K, hand_made=hand_made, cbs=[stop])
+    stop = Interrupt(1, keep=rng_state)
+    first = make_learner(digits64, tmp_path, K=K, hand_made=hand_made, cbs=[stop])
     _fit(first, method)
     assert first.swav.queue_filled == (32 if K else 0) and int(first.model.swav_iters) == n_iter   # the queue is half filled at the interruption
     first.save("ckpt")
 
     torch.manual_seed(123); random.seed(123); np.random.seed(123)         # the resumed process starts from other random states
-    at1 = RngAtEpoch(1)
-    resumed = make_learner(digits, tmp_path, K=K, hand_made=hand_made, model_seed=1, cbs=[at1]).load("ckpt")   # everything comes from the file
+    at1 = KeepAt(1, keep=rng_state)
+    resumed = make_learner(digits64, tmp_path, K=K, hand_made=hand_made, model_seed=1, cbs=[at1]).load("ckpt")   # everything comes from the file
     _fit(resumed, method, start_epoch=1)
-    assert_same_rng(at1.rng, stop.rng)
+    assert_same_rng(at1.kept, stop.kept)
 
     assert first.raw_losses.losses == full.raw_losses.losses[:n_iter]
     torch.testing.assert_close(torch.tensor(resumed.raw_losses.losses), torch.tensor(full.raw_losses.losses[n_iter:]), atol=1e-5, rtol=1e-5)
@@ -131,16 +114,16 @@ def test_resume_retraces_uninterrupted_run(digits, tmp_path, method, K, hand_mad
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=f"{n} differs")
 
 
-def test_resume_keeps_swav_state(digits, tmp_path):
+def test_resume_keeps_swav_state(digits64, tmp_path):
     "With resume_rng=False the crops differ, but the SwAV state carries over: queue, fill level, and the prototype-freezing counter"
-    stop = Interrupt(1)
-    first = make_learner(digits, tmp_path, cbs=[stop], resume_rng=False)   # freeze_protos_iters=4: frozen for 1 batch after the 3 of epoch 0
+    stop = Interrupt(1, keep=rng_state)
+    first = make_learner(digits64, tmp_path, cbs=[stop], resume_rng=False)   # freeze_protos_iters=4: frozen for 1 batch after the 3 of epoch 0
     _fit(first, "fit")
     first.save("ckpt")
     assert first.model.random_state.saved_epoch == -1 and first.model.random_state.states.numel() == 0   # nothing kept
 
-    probe, at1 = FirstBatches(), RngAtEpoch(1)
-    resumed = make_learner(digits, tmp_path, model_seed=1, cbs=[probe, at1], resume_rng=False).load("ckpt")
+    probe, at1 = FirstBatches(), KeepAt(1, keep=rng_state)
+    resumed = make_learner(digits64, tmp_path, model_seed=1, cbs=[probe, at1], resume_rng=False).load("ckpt")
     _fit(resumed, "fit", start_epoch=1)
     torch.testing.assert_close(probe.queue0, first.swav.queue, atol=0, rtol=0)
     assert probe.queue_len0 == first.swav.queue_filled == 32
@@ -149,23 +132,23 @@ def test_resume_keeps_swav_state(digits, tmp_path):
     assert not torch.equal(before4, after4), "iteration 4: the prototypes train"
     assert int(resumed.model.swav_iters) == N_EPOCH * len(resumed.dls.train) and resumed.swav.queue_filled == 40
     assert all(math.isfinite(l) for l in resumed.recorder.losses)
-    assert not torch.equal(at1.rng["torch"], stop.rng["torch"])
+    assert not torch.equal(at1.kept["torch"], stop.kept["torch"])
 
 
-def test_resume_from_another_epoch_warns(digits, tmp_path):
+def test_resume_from_another_epoch_warns(digits64, tmp_path):
     "The random state of the end of epoch 0 does not fit a resume at epoch 2: a warning, and training goes on"
-    first = make_learner(digits, tmp_path, cbs=[Interrupt(1)])
+    first = make_learner(digits64, tmp_path, cbs=[Interrupt(1, keep=rng_state)])
     _fit(first, "fit")
     first.save("ckpt")
-    resumed = make_learner(digits, tmp_path).load("ckpt")
+    resumed = make_learner(digits64, tmp_path).load("ckpt")
     with pytest.warns(UserWarning, match="random state of the end of epoch 0 but fit resumes at epoch 2"):
         with resumed.no_bar(), resumed.no_logging(): resumed.fit(3, lr=3e-3, start_epoch=2)
     assert resumed.model.random_state.saved_epoch == 2
 
 
-def test_checkpoint_loads_without_pickle(digits, tmp_path):
+def test_checkpoint_loads_without_pickle(digits64, tmp_path):
     "The random state is plain int64 tensors: the checkpoint loads with torch.load(weights_only=True)"
-    learn = make_learner(digits, tmp_path)
+    learn = make_learner(digits64, tmp_path)
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
     learn.save("plain", with_opt=False)
     sd = torch.load(tmp_path / "models" / "plain.pth", weights_only=True)
@@ -197,19 +180,19 @@ def test_checkpoint_of_version_0_1_0_loads(tmp_path):
 
 # ---- checkpoints that do not fit the run
 @pytest.fixture(scope="module")
-def filled_ckpt(digits, tmp_path_factory):
+def filled_ckpt(digits64, tmp_path_factory):
     "A checkpoint whose queue (K=40, 2 assignment crops, 16-d embeddings) is full"
     tmp_path = tmp_path_factory.mktemp("filled")
-    learn = make_learner(digits, tmp_path, K=40)
+    learn = make_learner(digits64, tmp_path, K=40)
     with learn.no_bar(), learn.no_logging(): learn.fit(2, lr=3e-3)
     assert learn.swav.queue_filled == 40
     learn.save("filled")
     return tmp_path
 
 @pytest.mark.parametrize("kwargs", [dict(K=32), dict(crop_ids=[0])], ids=["K", "crop_assgn_ids"])
-def test_checkpoint_with_other_queue_shape(digits, filled_ckpt, kwargs):
+def test_checkpoint_with_other_queue_shape(digits64, filled_ckpt, kwargs):
     "A filled queue of another shape loads, then SWAV refuses to fit with a message naming reset_queue; after reset_queue it trains"
-    learn = make_learner(digits, filled_ckpt, **kwargs).load("filled")
+    learn = make_learner(digits64, filled_ckpt, **kwargs).load("filled")
     with pytest.raises(ValueError, match=r"reset_queue\(\)") as e, learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
     assert "(2, 40, 16)" in str(e.value) and "K=" in str(e.value)
     assert learn.loss_func.__class__.__name__ == "CrossEntropyLossFlat"      # not left swapped
@@ -218,9 +201,9 @@ def test_checkpoint_with_other_queue_shape(digits, filled_ckpt, kwargs):
     assert tuple(learn.swav.queue.shape) == (len(learn.swav.crop_assgn_ids), learn.swav.K, 16)
 
 @pytest.mark.parametrize("kwargs", [dict(n_protos=12), dict(projection_size=8)], ids=["n_protos", "projection_size"])
-def test_checkpoint_with_other_prototypes(digits, filled_ckpt, kwargs):
+def test_checkpoint_with_other_prototypes(digits64, filled_ckpt, kwargs):
     "Another number of prototypes or embedding width: torch refuses to load, naming the prototypes"
-    learn = make_learner(digits, filled_ckpt, **kwargs)
+    learn = make_learner(digits64, filled_ckpt, **kwargs)
     with pytest.raises(RuntimeError, match=r"size mismatch for prototypes\.weight"): learn.load("filled")
 
 
@@ -243,7 +226,7 @@ def _ddp_resume_worker(rank, world, out_dir, x, y, ckpt, reset):
         with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
         own, own_rng, ckpt = learn.swav.queue.clone(), rng_state(learn)["torch"], "ddp"
         learn.save(ckpt)                          # fastai: rank 0 writes the file
-    probe, at1 = FirstBatches(), RngAtEpoch(1)
+    probe, at1 = FirstBatches(), KeepAt(1, keep=rng_state)
     torch.manual_seed(100 + rank)
     resumed = _ddp_learner(rank, world, out_dir, x, y, 1, cbs=[probe, at1]).load(ckpt)
     if reset: resumed.swav.reset_queue()
@@ -251,30 +234,30 @@ def _ddp_resume_worker(rank, world, out_dir, x, y, ckpt, reset):
         warnings.simplefilter("always")
         resumed.fit(2, lr=3e-3, start_epoch=1)
     save_result(out_dir, rank, own=own, queue0=probe.queue0, queue_len0=probe.queue_len0, warnings=[str(w.message) for w in warned],
-                own_rng=own_rng, rng1=at1.rng["torch"])
+                own_rng=own_rng, rng1=at1.kept["torch"])
 
-def test_ddp_resume_gives_each_rank_its_queue(digits, tmp_path):
+def test_ddp_resume_gives_each_rank_its_queue(digits64, tmp_path):
     "2 gloo processes resume from rank 0's learn.save: each rank continues with its own queue, fill level and random state, not rank 0's"
-    r0, r1 = run_gloo(_ddp_resume_worker, tmp_path, *digits, None, False)
+    r0, r1 = run_gloo(_ddp_resume_worker, tmp_path, *digits64, None, False)
     assert not torch.equal(r0["own"], r1["own"]) and not torch.equal(r0["own_rng"], r1["own_rng"])
     for rank, r in enumerate((r0, r1)):
         assert torch.equal(r["queue0"], r["own"]), f"rank {rank} did not resume with its own queue"
         assert r["queue_len0"] == 12
         assert torch.equal(r["rng1"], r["own_rng"]), f"rank {rank} did not resume with its own random state"
 
-def test_ddp_reset_queue_after_load(digits, tmp_path):
+def test_ddp_reset_queue_after_load(digits64, tmp_path):
     "learn.swav.reset_queue() after learn.load in a 2-process run starts every rank with an empty queue"
-    for r in run_gloo(_ddp_resume_worker, tmp_path, *digits, None, True): assert r["queue_len0"] == 0
+    for r in run_gloo(_ddp_resume_worker, tmp_path, *digits64, None, True): assert r["queue_len0"] == 0
 
-def test_single_process_checkpoint_in_ddp_run(digits, tmp_path):
+def test_single_process_checkpoint_in_ddp_run(digits64, tmp_path):
     "A filled queue from a 1-process checkpoint cannot be every rank's own: each rank warns and starts a new queue"
     set_seed(0)
-    x, y = digits
+    x, y = digits64
     learn = Learner(image_tensor_dls(x, y, bs=8, valid_pct=0.25, device="cpu"), tiny_swav_model(), path=tmp_path,
                     cbs=SWAV(aug_pipelines(), CROP_IDS, K=12, queue_start_pct=0., freeze_protos_iters=1))
     with learn.no_bar(), learn.no_logging(): learn.fit(1, lr=3e-3)
     assert learn.swav.queue_filled == 12
     learn.save("single")
-    for r in run_gloo(_ddp_resume_worker, tmp_path, *digits, "single", False):
+    for r in run_gloo(_ddp_resume_worker, tmp_path, *digits64, "single", False):
         assert r["queue_len0"] == 0
         assert any("emptied" in w for w in r["warnings"]), r["warnings"]

@@ -16,7 +16,7 @@ from self_supervised_swav.layers import create_encoder, create_fastai_encoder
 from self_supervised_swav.augmentations import MultiCrop
 from self_supervised_swav.swav import (SWAV, create_swav_model, get_swav_aug_pipelines, sinkhorn_knopp,
                                         swav_codes, swav_loss)
-from helpers import official_sinkhorn as ref_sinkhorn, official_swav_loss as ref_loss, tiny_pipelines as tiny_pipes, tiny_swav_model
+from helpers import official_sinkhorn as ref_sinkhorn, official_swav_loss as ref_loss, tiny_pipelines, tiny_swav_model
 
 
 def cosine_scores(n, k, d=16, seed=0):
@@ -131,11 +131,6 @@ def test_identical_views_lower_loss():
 
 
 # ---------------------------------------------------------------- the callback: helpers
-def tiny_model(n_protos: int = 20) -> nn.Module:
-    "`helpers.tiny_swav_model` with 20 prototypes (fewer than the 32 images of a batch)"
-    return tiny_swav_model(n_protos=n_protos)
-
-
 class Spy(Callback):
     "Records the embeddings of every training batch and what Sinkhorn gets"
     order = 20
@@ -156,15 +151,15 @@ def spy_codes(monkeypatch):
 
 
 def make_learn(dls, cb, model=None, **kw):
-    return Learner(dls, model or tiny_model(), cbs=[cb], **kw)
+    return Learner(dls, model or tiny_swav_model(n_protos=20), cbs=[cb], **kw)
 
 
 # ---------------------------------------------------------------- queue
 @pytest.mark.parametrize("ids", [[0, 1], [2, 3], [0, 3]])
 def test_queue_holds_last_embeddings_of_each_crop(tiny_dls, ids):
     spy = Spy()
-    cb = SWAV(tiny_pipes(), crop_assgn_ids=ids, K=48, queue_start_pct=0.0)
-    learn = Learner(tiny_dls, tiny_model(), cbs=[cb, spy])
+    cb = SWAV(tiny_pipelines(), crop_assgn_ids=ids, K=48, queue_start_pct=0.0)
+    learn = Learner(tiny_dls, tiny_swav_model(n_protos=20), cbs=[cb, spy])
     learn.fit(1)
     bs, n_crops = 32, 4
     assert learn.swav.queue.shape == (len(ids), 48, 16)
@@ -176,7 +171,7 @@ def test_queue_holds_last_embeddings_of_each_crop(tiny_dls, ids):
 
 def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
     calls = spy_codes(monkeypatch)
-    cb = SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.4)   # 5 batches/epoch: fill from batch 2
+    cb = SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.4)   # 5 batches/epoch: fill from batch 2
     learn = make_learn(tiny_dls, cb)
     learn.fit(1)
     train_calls = calls[:5]
@@ -188,7 +183,7 @@ def test_queue_start_fill_and_use(tiny_dls, monkeypatch):
 
 def test_no_sample_twice_in_sinkhorn(tiny_dls, monkeypatch):
     calls = spy_codes(monkeypatch)
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
     learn.fit(2)
     used = [(q, s, bs) for q, s, bs in calls if q is not None]
     assert used, "the queue was never used"
@@ -201,7 +196,7 @@ def test_no_sample_twice_in_sinkhorn(tiny_dls, monkeypatch):
 
 
 def test_validation_does_not_touch_queue(tiny_dls):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0))
     learn.fit(1)
     queue, n, iters = learn.swav.queue.clone(), learn.swav.queue_filled, int(learn.model.swav_iters)
     learn.validate()
@@ -214,7 +209,7 @@ def test_partial_last_batch_and_K_not_multiple_of_bs(digits):
     x, y = digits
     dls = image_tensor_dls(x[:100], y[:100], valid_pct=0.2, bs=32, device="cpu", drop_last=False)  # 80 = 32+32+16
     spy = Spy()
-    learn = Learner(dls, tiny_model(), cbs=[SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=50, queue_start_pct=0.0), spy])
+    learn = Learner(dls, tiny_swav_model(n_protos=20), cbs=[SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=50, queue_start_pct=0.0), spy])
     learn.fit(1)
     assert [e.shape[0] // 4 for e in spy.embs] == [32, 32, 16]
     newest_first = torch.cat([e.view(4, -1, 16)[0] for e in reversed(spy.embs)])
@@ -224,17 +219,17 @@ def test_partial_last_batch_and_K_not_multiple_of_bs(digits):
 
 def test_no_queue(tiny_dls, monkeypatch):
     calls = spy_codes(monkeypatch)
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=None))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=None))
     learn.fit(1)
     assert all(q is None for q, *_ in calls) and learn.swav.queue is None
 
 
 def fit_save_and_load(dls, path, K_loaded: int):
     "(a learner fitted for 1 epoch with a queue of 64, saved as 'ckpt'; a new learner with a queue of `K_loaded` that loaded it)"
-    learn = make_learn(dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=path)
+    learn = make_learn(dls, SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=64, queue_start_pct=0.0), path=path)
     learn.fit(1)
     learn.save("ckpt")
-    return learn, make_learn(dls, SWAV(tiny_pipes(), crop_assgn_ids=[0, 1], K=K_loaded, queue_start_pct=0.0), path=path).load("ckpt")
+    return learn, make_learn(dls, SWAV(tiny_pipelines(), crop_assgn_ids=[0, 1], K=K_loaded, queue_start_pct=0.0), path=path).load("ckpt")
 
 
 def test_queue_saved_and_loaded(tiny_dls, tmp_path):
@@ -257,7 +252,7 @@ def test_prototypes_unit_norm_and_frozen_then_moving(tiny_dls):
         def __init__(self): self.ws = []
         def after_step(self): self.ws.append(self.learn.model.prototypes.weight.detach().clone())
     spy, snap = Spy(), Snap()
-    learn = Learner(tiny_dls, tiny_model(), cbs=[SWAV(tiny_pipes(), [0, 1], K=None, freeze_protos_iters=3), spy, snap], lr=1e-2)
+    learn = Learner(tiny_dls, tiny_swav_model(n_protos=20), cbs=[SWAV(tiny_pipelines(), [0, 1], K=None, freeze_protos_iters=3), spy, snap], lr=1e-2)
     w0 = learn.model.prototypes.weight.detach().clone()
     learn.fit(2)
     for n in spy.protos_norms: torch.testing.assert_close(n, torch.ones_like(n))   # unit norm at every forward
@@ -270,7 +265,7 @@ def test_prototypes_unit_norm_and_frozen_then_moving(tiny_dls):
 def test_loss_func_restored_after_fit_and_cancel(tiny_dls):
     class Stop(Callback):
         def after_batch(self): raise CancelFitException()
-    learn = Learner(tiny_dls, tiny_model(), cbs=[SWAV(tiny_pipes(), [0, 1], K=None)])
+    learn = Learner(tiny_dls, tiny_swav_model(n_protos=20), cbs=[SWAV(tiny_pipelines(), [0, 1], K=None)])
     orig = learn.loss_func
     learn.fit(1, cbs=Stop())
     assert learn.loss_func is orig
@@ -279,7 +274,7 @@ def test_loss_func_restored_after_fit_and_cancel(tiny_dls):
 
 
 def test_validation_loss_uses_the_swav_formula(tiny_dls):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None))
     learn.fit(1)
     valid_loss = learn.recorder.values[-1][1]
     assert math.isfinite(valid_loss) and 0 < valid_loss < 2 * math.log(20) + 1
@@ -292,7 +287,7 @@ def test_pretraining_lowers_loss(digits):
     x, y = digits
     dls = image_tensor_dls(x[:320], y[:320], bs=64, device="cpu")
     model = create_swav_model(create_encoder("resnet10t", n_in=1, pretrained=False), hidden_size=64, projection_size=32, n_protos=30)
-    learn = Learner(dls, model, cbs=SWAV(tiny_pipes(sizes=(16, 8)), [0, 1], K=None, freeze_protos_iters=4), lr=3e-3)
+    learn = Learner(dls, model, cbs=SWAV(tiny_pipelines(sizes=(16, 8)), [0, 1], K=None, freeze_protos_iters=4), lr=3e-3)
     learn.fit(4)
     losses = [v[0] for v in learn.recorder.values]
     assert losses[-1] < losses[0] - 0.05, losses
@@ -316,7 +311,7 @@ def test_encoders_and_channels(digits, arch, n_in):
 def test_show_draws_images_and_crops(tiny_dls):
     import matplotlib
     matplotlib.use("Agg")
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None))
     fig = learn.swav.show(n=3)
     assert len(fig.axes) == 3 * 5
     assert fig.axes[0].get_title() == "image" and fig.axes[1].get_title() == "crop 0"
@@ -346,23 +341,23 @@ def groups(cb: SWAV) -> list[tuple[int, int]]: return cb.augs.group_ranges()
 
 def test_replaced_or_changed_pipelines_are_used(tiny_dls):
     "A new MultiCrop or list assigned to learn.swav.augs is checked and used with its groups (a plain list: one crop per group)"
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
-    learn.swav.augs = tiny_pipes(num_crops=(2, 3))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None))
+    learn.swav.augs = tiny_pipelines(num_crops=(2, 3))
     assert groups(learn.swav) == [(0, 2), (2, 5)]
     assert [c.shape[-1] for c in learn.swav.augs(torch.rand(4, 1, 24, 24))] == [16, 16, 8, 8, 8]
-    learn.swav.augs = list(tiny_pipes(num_crops=(2, 3)))
+    learn.swav.augs = list(tiny_pipelines(num_crops=(2, 3)))
     assert isinstance(learn.swav.augs, MultiCrop) and groups(learn.swav) == [(i, i + 1) for i in range(5)]
     learn.fit(1)
-    with pytest.raises(ValueError, match="at least 2 crops"): learn.swav.augs = tiny_pipes()[:1]
+    with pytest.raises(ValueError, match="at least 2 crops"): learn.swav.augs = tiny_pipelines()[:1]
     with pytest.raises(SettingError, match="aug_pipelines"): learn.swav.augs = [lambda x: x] * 2
-    learn.swav.augs = tiny_pipes(num_crops=(1, 1))   # 2 crops: crop_assgn_ids [0, 1] still valid
+    learn.swav.augs = tiny_pipelines(num_crops=(1, 1))   # 2 crops: crop_assgn_ids [0, 1] still valid
     learn.fit(1)
     learn.swav.crop_assgn_ids = [0, 3]
     with pytest.raises(ValueError, match="crop_assgn_ids"): learn.fit(1)
 
 
 def test_print_augs(tiny_dls, capsys):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None, print_augs=True))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None, print_augs=True))
     learn.fit(1)
     assert "RandomResizedCrop" in capsys.readouterr().out
 
@@ -384,7 +379,7 @@ def test_print_augs(tiny_dls, capsys):
     (dict(freeze_protos_iters=-1), ValueError, "freeze_protos_iters"),
 ])
 def test_bad_settings(kw, err, msg):
-    args = dict(aug_pipelines=tiny_pipes(), crop_assgn_ids=[0, 1])
+    args = dict(aug_pipelines=tiny_pipelines(), crop_assgn_ids=[0, 1])
     args.update(kw)
     with pytest.raises(err, match=msg): SWAV(**args)
 
@@ -401,18 +396,18 @@ def test_bad_pipelines(pipes, err, msg):
 
 
 def test_single_crop_is_an_error():
-    with pytest.raises(ValueError, match="at least 2 crops"): SWAV(tiny_pipes()[:1], crop_assgn_ids=[0])
+    with pytest.raises(ValueError, match="at least 2 crops"): SWAV(tiny_pipelines()[:1], crop_assgn_ids=[0])
 
 
 def test_model_without_prototypes(tiny_dls):
-    learn = Learner(tiny_dls, nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 10)), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = Learner(tiny_dls, nn.Sequential(nn.Flatten(), nn.Linear(24 * 24, 10)), cbs=SWAV(tiny_pipelines(), [0, 1], K=None))
     with pytest.raises(SettingError, match="prototypes"): learn.fit(1)
 
 
 @pytest.mark.parametrize("n_protos,K,warns", [(64, None, True), (32, None, False), (64, 64, False)])
 def test_warns_when_batch_smaller_than_prototypes_without_queue(tiny_dls, n_protos, K, warns):
     "Batches of 32 without a queue: Sinkhorn must spread each code over >= n_protos / 32 prototypes"
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=K), model=tiny_model(n_protos=n_protos))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=K), model=tiny_swav_model(n_protos=n_protos))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         learn.fit(1)
@@ -428,14 +423,14 @@ def test_plain_torch_dataloaders(digits):
     from torch.utils.data import DataLoader, TensorDataset
     ds = TensorDataset(*[t[:128] for t in digits])
     dls = DataLoaders(DataLoader(ds, batch_size=32, shuffle=True, drop_last=True), DataLoader(ds, batch_size=32))
-    learn = Learner(dls, tiny_model(n_protos=64), cbs=SWAV(tiny_pipes(), [0, 1], K=None), loss_func=noop)
+    learn = Learner(dls, tiny_swav_model(n_protos=64), cbs=SWAV(tiny_pipelines(), [0, 1], K=None), loss_func=noop)
     with pytest.warns(UserWarning, match="batches of 32 images for 64 prototypes"): learn.fit(1)
     assert len(learn.recorder.losses) == 4 and all(math.isfinite(float(l)) for l in learn.recorder.losses)
     assert learn.model.random_state.saved_epoch == 0 and learn.model.random_state.states.numel() > 0
 
 
 def test_K_larger_than_dataset(tiny_dls):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=1000))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=1000))
     with pytest.raises(ValueError, match="larger than the training set"): learn.fit(1)
 
 
@@ -478,7 +473,7 @@ def normalised_pipes(sizes=(16, 8)):
 @pytest.mark.parametrize("fit_first", [False, True])
 @pytest.mark.parametrize("ds_idx", [0, 1])
 def test_get_preds_is_one_row_per_whole_image(tiny_dls, fit_first, ds_idx):
-    model = tiny_model(n_protos=20)
+    model = tiny_swav_model(n_protos=20)
     learn = make_learn(tiny_dls, SWAV(normalised_pipes(), [0, 1], K=None), model=model)
     if fit_first: learn.fit(1)
     orig, protos = learn.loss_func, model.prototypes.weight.detach().clone()
@@ -498,13 +493,13 @@ def test_get_preds_with_a_hand_made_model_and_no_labels(digits):
     from fastcore.basics import noop
     imgs = [(t,) for t in digits[0][:70]]
     dls = DataLoaders(DataLoader(imgs, bs=32, shuffle=True, drop_last=True), DataLoader(imgs[:37], bs=16))
-    learn = Learner(dls, HandMadeSwAV(n_protos=10), loss_func=noop, cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = Learner(dls, HandMadeSwAV(n_protos=10), loss_func=noop, cbs=SWAV(tiny_pipelines(), [0, 1], K=None))
     (emb, scores), _ = learn.get_preds()
     assert emb.shape == (37, 16) and scores.shape == (37, 10)
 
 
 def test_validate_still_reports_the_swav_loss_after_get_preds(tiny_dls):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=64, queue_start_pct=0.0))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=64, queue_start_pct=0.0))
     learn.fit(1)
     valid_loss = learn.recorder.values[-1][1]
     queue, iters = learn.swav.queue.clone(), int(learn.model.swav_iters)
@@ -520,13 +515,13 @@ def test_get_preds_inside_fit_gives_whole_images(tiny_dls):
     class PredsAtEpochEnd(Callback):
         order = 60
         def after_epoch(self): shapes.append([t.shape for t in self.learn.get_preds(inner=True)[0]])
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None))
     learn.fit(1, cbs=PredsAtEpochEnd())
     assert shapes == [[(40, 16), (40, 20)]] and math.isfinite(learn.recorder.values[-1][1])
 
 
 def test_what_get_preds_cannot_give_is_a_clear_error(tiny_dls):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), [0, 1], K=None))
     orig = learn.loss_func
     with pytest.raises(ValueError, match=r"with_loss=True.*learn\.validate\(\)"): learn.get_preds(with_loss=True)
     for call in (lambda: learn.get_preds(with_decoded=True), lambda: learn.show_results(),
@@ -558,7 +553,7 @@ def test_a_last_training_batch_of_one_image_is_skipped_once_warned(digits, bn):
     learn = Learner(dls, create_swav_model(nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), *([nn.BatchNorm2d(8)] if bn else []),
                                                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
                                            hidden_size=32, projection_size=16, n_protos=20),
-                    cbs=SWAV(tiny_pipes(), [0, 1], K=16, queue_start_pct=0.0))
+                    cbs=SWAV(tiny_pipelines(), [0, 1], K=16, queue_start_pct=0.0))
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("default")                              # Python's default: a warning once per place
         learn.fit(2)
@@ -569,7 +564,7 @@ def test_a_last_training_batch_of_one_image_is_skipped_once_warned(digits, bn):
 
 def test_bs_1_is_an_error_before_training(digits):
     x, y = digits
-    learn = Learner(image_tensor_dls(x[:20], y[:20], bs=1, device="cpu"), tiny_model(), cbs=SWAV(tiny_pipes(), [0, 1], K=None))
+    learn = Learner(image_tensor_dls(x[:20], y[:20], bs=1, device="cpu"), tiny_swav_model(n_protos=20), cbs=SWAV(tiny_pipelines(), [0, 1], K=None))
     orig = learn.loss_func
     with pytest.raises(ValueError, match=r"bs=1.*bs >= 2"): learn.fit(1)
     assert int(learn.model.swav_iters) == 0 and learn.loss_func is orig
@@ -583,7 +578,7 @@ def test_bs_1_is_an_error_before_training(digits):
     ([0, 3], 8, ["shorter than the global batch", "codes from crops [3] of [8] px"]),
 ])
 def test_start_of_fit_warnings(tiny_dls, ids, K, expected):
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(), ids, K=K))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(), ids, K=K))
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("always")
         learn.fit(1, cbs=StopAtStart())
@@ -592,17 +587,17 @@ def test_start_of_fit_warnings(tiny_dls, ids, K, expected):
 
 
 def test_crop_sizes_read_from_the_pipelines():
-    assert tiny_pipes(sizes=(16, 8)).crop_sizes == [16, 16, 8, 8]
+    assert tiny_pipelines(sizes=(16, 8)).crop_sizes == [16, 16, 8, 8]
     assert MultiCrop([Pipeline([], split_idx=0)] * 2).crop_sizes == [None, None]
 
 
 def test_encoder_that_cannot_take_a_crop_size_fails_before_training(tiny_dls):
     enc = nn.Sequential(nn.Conv2d(1, 8, 12), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())   # needs >= 12 px
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 8)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(sizes=(16, 8)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
     orig = learn.loss_func
     with pytest.raises(ValueError, match=r"cannot take 8 px crops.*smallest crop size it accepts is 16 px") as e: learn.fit(1)
     assert "\n" not in str(e.value).split("\n", 1)[-1] and int(learn.model.swav_iters) == 0 and learn.loss_func is orig
-    learn = make_learn(tiny_dls, SWAV(tiny_pipes(sizes=(16, 12)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
+    learn = make_learn(tiny_dls, SWAV(tiny_pipelines(sizes=(16, 12)), [0, 1], K=None), model=create_swav_model(enc, n_protos=20))
     learn.fit(1, cbs=StopAtStart())                                   # 12 px is fine
 
 
@@ -631,8 +626,8 @@ def test_loss_in_fit_is_the_official_formula_with_the_callbacks_settings(tiny_dl
     kw = dict(crop_assgn_ids=[0, 1]) | kw
     ids, temp, eps, n_iters = kw["crop_assgn_ids"], kw.get("temp", 0.1), kw.get("eps", 0.05), kw.get("n_sinkh_iter", 3)
     rec = RecordLoss()
-    cb = SWAV(tiny_pipes(), K=K, queue_start_pct=0.0, freeze_protos_iters=0, **kw)
-    Learner(tiny_dls, tiny_model(), cbs=[cb, rec]).fit(2)
+    cb = SWAV(tiny_pipelines(), K=K, queue_start_pct=0.0, freeze_protos_iters=0, **kw)
+    Learner(tiny_dls, tiny_swav_model(n_protos=20), cbs=[cb, rec]).fit(2)
     n_crops = 4
     assert len(rec.rows) == 10 and (K is None or sum(r["queue"] is not None for r in rec.rows) >= 7)   # the queue took part
     for r in rec.rows:

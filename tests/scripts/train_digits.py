@@ -10,10 +10,8 @@ checkpoints `DIR/models/swav_{epoch}.pth` (fastai's `SaveModelCallback`, from ra
 """
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/: the tiny model and pipelines of the tests
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import fit_one_cycle  # noqa: F401 (adds `Learner.fit_one_cycle`)
@@ -21,7 +19,7 @@ from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import Learner
 from fastai.torch_core import get_model
 
-from helpers import tiny_pipelines, tiny_swav_model
+from helpers import tiny_pipelines, tiny_swav_model   # tests/ is on PYTHONPATH (`helpers.child_env`)
 from self_supervised_swav.data import digits_images, image_tensor_dls
 from self_supervised_swav.distributed import is_main_process, swav_distrib_ctx, world_rank
 from self_supervised_swav.swav import SWAV, swav_codes
