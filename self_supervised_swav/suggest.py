@@ -59,7 +59,8 @@ def suggest_swav_settings(
     K, why_k = _queue(n_images, global_bs, epochs)
     start = min(1., OFFICIAL["epoch_queue_starts"] / epochs) if K else 0.25
     n_protos, why_p = _n_protos(global_bs + K, n_images, n_classes)
-    freeze = min(iters, total // 5)
+    epoch = -(-n_images // global_bs)   # ceil: the official configs' 313 = ceil(1281167 / 4096), 5005 at batch 256
+    freeze = min(epoch, total // 5)
     lr, why_lr = _lr(opt, global_bs)
     warmup = min(OFFICIAL["warmup_epochs"], epochs // 10) if global_bs >= 1024 else 0
     return dict(
@@ -67,8 +68,8 @@ def suggest_swav_settings(
         K=(K, why_k),
         queue_start_pct=(round(start, 4), f"the queue starts after {OFFICIAL['epoch_queue_starts']} epochs (official --epoch_queue_starts 15)"
                          if K else "unused without a queue"),
-        freeze_protos_iters=(freeze, f"one epoch ({iters} iterations; official 313 = one ImageNet epoch at batch 4096)"
-                             + (f", capped at a fifth of the {total} iterations" if freeze < iters else "")),
+        freeze_protos_iters=(freeze, f"one epoch ({epoch} iterations; official 313 = one ImageNet epoch at batch 4096)"
+                             + (f", capped at a fifth of the {total} iterations" if freeze < epoch else "")),
         lr=(float(f"{lr:.3g}"), why_lr),
         final_lr=(float(f"{lr / 1000:.3g}"), "lr / 1000 (official 4.8 -> 0.0048)"),
         warmup_epochs=(warmup, f"{warmup} epochs: official 10 at batch 4096" if warmup else "no warm-up below a global batch of 1024 (official batch 256: 0)"),

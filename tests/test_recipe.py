@@ -190,17 +190,16 @@ def test_settings_reproduce_official_configs():
     small = values(suggest_swav_settings(1_281_167, 256, 400, opt="lars"))
     assert (small["n_protos"], small["K"], small["warmup_epochs"]) == (3000, 3840, 0)
     assert math.isclose(small["lr"], 0.6) and math.isclose(small["queue_start_pct"], 15 / 400)
-    # frozen prototypes: one epoch of a loader that drops its last partial batch (fastai's, and the official DataLoader's
-    # drop_last=True), 1281167 // 4096 = 312 and 1281167 // 256 = 5004 iterations. NOT the official configs' values: their
-    # freeze_prototypes_niters 313 and 5005 are ceil(1281167 / bs), one iteration more than such an epoch.
-    assert (big["freeze_protos_iters"], small["freeze_protos_iters"]) == (1_281_167 // 4096, 1_281_167 // 256) == (312, 5004)
+    # frozen prototypes: the official configs' freeze_prototypes_niters, 313 at batch 4096 and 5005 at batch 256, which
+    # are ceil(1281167 / bs): one epoch as they count it
+    assert (big["freeze_protos_iters"], small["freeze_protos_iters"]) == (313, 5005)
 
 
 def test_settings_project_measurements():
     fm = suggest_swav_settings(60_000, 128, 3, n_classes=10)
     assert values(fm)["n_protos"] == 32 and values(fm)["K"] == 0 and values(fm)["lr"] == 2e-3 and values(fm)["wd"] == 0.01
     d = values(suggest_swav_settings(1437, 64, 6, n_classes=10))
-    assert d["K"] == 0 and d["freeze_protos_iters"] == 22 and d["lr"] == 1e-3 and 2 <= d["n_protos"] <= 20
+    assert d["K"] == 0 and d["freeze_protos_iters"] == 23 and d["lr"] == 1e-3 and 2 <= d["n_protos"] <= 20
     for name, (v, reason) in fm.items(): assert isinstance(reason, str) and reason and "\n" not in reason, name
 
 
