@@ -53,6 +53,8 @@ test: env
 	@$(call fingerprint,nbs) | diff -u $(VENV)/.fp_nbs - || { echo "notebooks were not clean: run nbdev_clean and commit"; exit 1; }
 	@echo "== ruff: no unused or undefined names in the library, tests, benchmarks and docs build"
 	$(VENV)/bin/ruff check .
+	@echo "== layers: no import cycle, no library module imports a command, no module above 450 code lines"
+	$(PYTHON) .ci/check_layers.py
 	@echo "== README.md must match nbs/index.ipynb"
 	$(PYTHON) .ci/nb2md.py --check
 	@echo "== notebooks"
