@@ -17,7 +17,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.config import AUTO, PretrainConfig, auto_number, with_file
     from self_supervised_swav.distributed import is_main_process
     from self_supervised_swav.pretrain import RunStopped, pretrain
-    from self_supervised_swav.clusters import ClusterConfig, cluster_folder
+    from self_supervised_swav.clustering import ClusterConfig, cluster_folder
 
 # %% auto #0
 __all__ = ['UsageError', 'flag_message', 'OneLineParser', 'config_parser', 'swav_pretrain', 'pretrain_parser', 'main',

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
-from fastcore.docments import docments
 
 from .checks import (SettingError, check_choice, check_in_range, check_nonnegative, check_positive,
                                          check_same_length)

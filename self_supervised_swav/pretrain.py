@@ -26,7 +26,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
 
     from self_supervised_swav.checks import SettingError, first_line
-    from self_supervised_swav.config import PretrainConfig, SAME_RUN, arch_kwargs, changed_settings, in_use, resolve_auto
+    from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals

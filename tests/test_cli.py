@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from self_supervised_swav.cli import UsageError, cluster_main, main, swav_pretrain
-from self_supervised_swav.clusters import ClusterConfig
+from self_supervised_swav.clustering import ClusterConfig
 from self_supervised_swav.config import PretrainConfig
 from self_supervised_swav.finetune import load_encoder
 from self_supervised_swav.layers import create_encoder

@@ -14,10 +14,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-import self_supervised_swav.clusters as clusters
+import self_supervised_swav.clustering as clustering
 import self_supervised_swav.finetune as finetune
-from self_supervised_swav.clusters import (ClusterConfig, assign_prototypes, balanced_assign, cluster_stats, nearest_images,
-                                           prototype_assignments, show_feature_map, show_prototypes, swav_cluster)
+from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, nearest_images,
+                                           prototype_assignments, show_feature_map, show_prototypes)
+from self_supervised_swav.clustering import swav_cluster
 from self_supervised_swav.cli import cluster_main as main
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SwAVModel, create_swav_model, sinkhorn_knopp
@@ -163,7 +164,7 @@ def save_model(path: Path, model, **meta):
 
 def load_returns(monkeypatch, model, meta):
     "Make swav_cluster's `load_swav_model` return (model, meta), for models no file describes"
-    monkeypatch.setattr(clusters, "load_swav_model", lambda path: (model, meta))
+    monkeypatch.setattr(clustering, "load_swav_model", lambda path: (model, meta))
 
 
 def digits_folder(root: Path, digits_at, n=20, rgb=False) -> Path:
