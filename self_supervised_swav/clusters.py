@@ -141,6 +141,7 @@ class PrototypeAssignments:
         w = self.prototype_weights if protos is None else self.prototype_weights[torch.as_tensor(list(protos), dtype=torch.long)]
         return self.embeddings @ w.T
 
+# %% ../nbs/08_clusters.ipynb #k013b
 @torch.no_grad()
 def prototype_assignments(
     embeddings: Tensor,            # L2-normalised embeddings [N, D]
@@ -227,6 +228,7 @@ def near_duplicate_prototypes(
     cos = torch.triu(w @ w.T, diagonal=1)
     return [(int(i), int(j), round(float(cos[i, j]), 4)) for i, j in (cos > duplicate_cos).nonzero().tolist()]
 
+# %% ../nbs/08_clusters.ipynb #k017b
 def cluster_stats(
     assignments: Tensor | np.ndarray | PrototypeAssignments, # Prototype of each image [N], or a `PrototypeAssignments`
     n_protos: int | None = None,                # Number of prototypes K; None: from a `PrototypeAssignments`
