@@ -20,6 +20,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the command's output clean
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from self_supervised_swav.checks import SettingError, check_positive
     from self_supervised_swav.evaluation import extract_features
     from self_supervised_swav.swav import sinkhorn_knopp
 
@@ -71,11 +72,11 @@ def _score_chunks(x: Tensor, weights: Tensor | None, chunk_size: int, device) ->
         yield c if weights is None else c @ weights.T
 
 def _check_chunking(x: Tensor, chunk_size: int, eps: float, n_sinkh_iter: int):
-    if not isinstance(x, Tensor) or x.ndim != 2: raise ValueError(f"x must be a 2-D tensor [N, D] (or scores [N, K]), got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
-    if len(x) == 0: raise ValueError("x is empty: there are no images to assign")
-    if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not eps > 0: raise ValueError(f"eps must be positive, got {eps!r}")
-    if not isinstance(n_sinkh_iter, int) or n_sinkh_iter < 1: raise ValueError(f"n_sinkh_iter must be an int >= 1, got {n_sinkh_iter!r}")
+    if not isinstance(x, Tensor) or x.ndim != 2: raise SettingError("x", f"x must be a 2-D tensor [N, D] (or scores [N, K]), got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    if len(x) == 0: raise SettingError("x", "x is empty: there are no images to assign")
+    check_positive("chunk_size", chunk_size, integer=True)
+    check_positive("eps", eps)
+    check_positive("n_sinkh_iter", n_sinkh_iter, integer=True)
 
 @torch.no_grad()
 def balanced_assign(
@@ -157,10 +158,10 @@ def prototype_assignments(
 ) -> PrototypeAssignments:
     "The prototype of each embedding: the argmax of its scores, or balanced by Sinkhorn-Knopp"
     _check_chunking(embeddings, chunk_size, eps, n_sinkh_iter)
-    if not temp > 0: raise ValueError(f"temp must be positive, got {temp!r}")
+    check_positive("temp", temp)
     w = prototype_weights.detach().float()
     if w.ndim != 2 or w.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"prototype_weights must be [K, {embeddings.shape[1]}] for embeddings [N, {embeddings.shape[1]}], got {tuple(w.shape)}")
+        raise SettingError("prototype_weights", f"prototype_weights must be [K, {embeddings.shape[1]}] for embeddings [N, {embeddings.shape[1]}], got {tuple(w.shape)}")
     dev = torch.device(device) if device is not None else embeddings.device
     if balanced:
         protos, conf, codes = balanced_assign(embeddings, w, eps, n_sinkh_iter, chunk_size, return_codes, dev)
@@ -216,7 +217,7 @@ class ClusterStats:
 
 def _as_array(v, name: str) -> np.ndarray:
     a = v.detach().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v)
-    if a.ndim != 1: raise ValueError(f"{name} must be one value per image (1-D), got shape {a.shape}")
+    if a.ndim != 1: raise SettingError(name, f"{name} must be one value per image (1-D), got shape {a.shape}")
     return a
 
 def near_duplicate_prototypes(
@@ -244,16 +245,16 @@ def cluster_stats(
         labels = assignments.labels if labels is None else labels
         assignments = assignments.prototypes
     a = _as_array(assignments, "assignments").astype(np.int64)
-    if not isinstance(n_protos, int) or n_protos < 1: raise ValueError(f"n_protos must be a positive int, got {n_protos!r}")
-    if len(a) == 0: raise ValueError("assignments is empty: there are no images to describe")
-    if a.min() < 0 or a.max() >= n_protos: raise ValueError(f"assignments must be prototype ids in [0, {n_protos}), got values in [{a.min()}, {a.max()}]")
+    if not isinstance(n_protos, int) or n_protos < 1: raise SettingError("n_protos", f"n_protos must be a positive int, got {n_protos!r}")
+    if len(a) == 0: raise SettingError("assignments", "assignments is empty: there are no images to describe")
+    if a.min() < 0 or a.max() >= n_protos: raise SettingError("assignments", f"assignments must be prototype ids in [0, {n_protos}), got values in [{a.min()}, {a.max()}]")
     sizes = np.bincount(a, minlength=n_protos)
     stats = ClusterStats(sizes=sizes.tolist(), n_empty=int((sizes == 0).sum()),
                          n_dominant=int((sizes > dominant_factor * len(a) / n_protos).sum()),
                          near_duplicates=[] if prototype_weights is None else near_duplicate_prototypes(prototype_weights, duplicate_cos))
     if labels is None: return stats
     y = _as_array(labels, "labels")
-    if len(y) != len(a): raise ValueError(f"labels has {len(y)} values but assignments has {len(a)}: pass one label per image")
+    if len(y) != len(a): raise SettingError("labels", f"labels has {len(y)} values but assignments has {len(a)}: pass one label per image")
     classes, y_ids = np.unique(y, return_inverse=True)
     cm = contingency_matrix(y_ids, a)                            # [classes present, prototypes present]
     confusion = np.zeros((n_protos, len(classes)), dtype=np.int64)
@@ -281,9 +282,9 @@ def _rows(sizes: Tensor, protos, n_rows: int) -> list[int]:
     if protos is not None:
         protos = [int(p) for p in protos]
         bad = [p for p in protos if not 0 <= p < len(sizes)]
-        if bad: raise ValueError(f"protos must be prototype ids in [0, {len(sizes)}), got {bad}")
+        if bad: raise SettingError("protos", f"protos must be prototype ids in [0, {len(sizes)}), got {bad}")
         return protos
-    if not isinstance(n_rows, int) or n_rows < 1: raise ValueError(f"n_rows must be a positive int, got {n_rows!r}")
+    if not isinstance(n_rows, int) or n_rows < 1: raise SettingError("n_rows", f"n_rows must be a positive int, got {n_rows!r}")
     order = sizes.argsort(descending=True, stable=True)
     return order[:n_rows].tolist()   # empty prototypes too: their top images say what they would hold
 
@@ -299,10 +300,10 @@ def show_prototypes(
     "Figure with one row per prototype: the images scoring highest on it, its number and size in the row title"
     if isinstance(assignments, nn.Module): assignments = assign_prototypes(assignments, images, tfm=tfm)
     if not isinstance(assignments, PrototypeAssignments): raise TypeError(f"assignments must be PrototypeAssignments or a SwAV model, got {type(assignments).__name__}")
-    if len(images) != len(assignments.prototypes): raise ValueError(f"images has {len(images)} images but the assignments are of {len(assignments.prototypes)}: pass the images that were assigned, in order")
-    if not isinstance(n_images, int) or n_images < 1: raise ValueError(f"n_images must be a positive int, got {n_images!r}")
+    if len(images) != len(assignments.prototypes): raise SettingError("images", f"images has {len(images)} images but the assignments are of {len(assignments.prototypes)}: pass the images that were assigned, in order")
+    if not isinstance(n_images, int) or n_images < 1: raise SettingError("n_images", f"n_images must be a positive int, got {n_images!r}")
     rows, sizes = _rows(assignments.sizes, protos, n_rows), assignments.sizes
-    if not rows: raise ValueError("protos is empty: pass at least one prototype id")
+    if not rows: raise SettingError("protos", "protos is empty: pass at least one prototype id")
     top = assignments.scores(rows).topk(min(n_images, len(images)), dim=0).indices.T     # [rows, n_images]
     fig, axs = plt.subplots(len(rows), n_images, figsize=(n_images * scale, len(rows) * scale * 1.25), squeeze=False)
     for r, (p, idx) in enumerate(zip(rows, top.tolist())):
@@ -331,11 +332,11 @@ def show_feature_map(
     title: str | None = None,       # Title of the axes
 ):
     "Scatter plot of the features in 2-D (PCA or t-SNE), coloured by `colour_by`; returns the figure"
-    if method not in ("pca", "tsne"): raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")
+    if method not in ("pca", "tsne"): raise SettingError("method", f"method must be 'pca' or 'tsne', got {method!r}")
     f = features.detach().float().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features, dtype=np.float32)
     c = _as_array(colour_by, "colour_by")
-    if f.ndim != 2 or len(f) != len(c): raise ValueError(f"features must be [N, D] with one colour_by value per row, got {f.shape} and {len(c)} values")
-    if len(f) < 3: raise ValueError(f"features has {len(f)} rows: a map needs at least 3 points")
+    if f.ndim != 2 or len(f) != len(c): raise SettingError("features", f"features must be [N, D] with one colour_by value per row, got {f.shape} and {len(c)} values")
+    if len(f) < 3: raise SettingError("features", f"features has {len(f)} rows: a map needs at least 3 points")
     if len(f) > max_points:
         keep = torch.randperm(len(f), generator=torch.Generator().manual_seed(seed))[:max_points].numpy()
         f, c = f[keep], c[keep]
@@ -365,20 +366,20 @@ def nearest_images(
     scale: float = 1.2,            # Size of each image in inches
 ) -> Neighbours:
     "The k nearest images of the query in feature space (cosine similarity), with a strip of them"
-    if not isinstance(k, int) or k < 1: raise ValueError(f"k must be a positive int, got {k!r}")
+    if not isinstance(k, int) or k < 1: raise SettingError("k", f"k must be a positive int, got {k!r}")
     bank = F.normalize(features.detach().float().cpu(), dim=1)
     if isinstance(query, (int, np.integer)):
-        if not 0 <= query < len(bank): raise ValueError(f"query must be an image index in [0, {len(bank)}), got {query}")
+        if not 0 <= query < len(bank): raise SettingError("query", f"query must be an image index in [0, {len(bank)}), got {query}")
         q, exclude = bank[query], int(query)
     else:
         q, exclude = F.normalize(torch.as_tensor(query).detach().float().cpu().flatten(), dim=0), None
-        if len(q) != bank.shape[1]: raise ValueError(f"query has {len(q)} features but features has {bank.shape[1]} per image")
+        if len(q) != bank.shape[1]: raise SettingError("query", f"query has {len(q)} features but features has {bank.shape[1]} per image")
     sims = bank @ q
     if exclude is not None: sims[exclude] = -float("inf")
     sims, idx = sims.topk(min(k, len(bank) - (exclude is not None)))
     fig = None
     if show:
-        if images is None: raise ValueError("images is None: pass the images to show the strip, or show=False")
+        if images is None: raise SettingError("images", "images is None: pass the images to show the strip, or show=False")
         fig, axs = plt.subplots(1, len(idx) + (exclude is not None), figsize=((len(idx) + 1) * scale, scale * 1.3), squeeze=False)
         axs = list(axs[0])
         if exclude is not None:

@@ -38,7 +38,7 @@ def digits_images(
 ) -> tuple[Tensor, Tensor]:
     "scikit-learn's 1,797 digits as float images `[N, n_channels, size, size]` in [0, 1], and their labels"
     from sklearn.datasets import load_digits
-    if n_channels not in (1, 3): raise ValueError(f"n_channels must be 1 or 3, got {n_channels}")
+    if n_channels not in (1, 3): raise SettingError("n_channels", f"n_channels must be 1 or 3, got {n_channels}")
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
@@ -48,7 +48,7 @@ def digits_images(
 class ImageTensorDataset(Dataset):
     "Images `[N, C, H, W]` with optional labels; items are `(image, label)` or `(image,)`"
     def __init__(self, x: Tensor, y: Tensor | None = None):
-        if y is not None and len(x) != len(y): raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+        if y is not None and len(x) != len(y): raise SettingError("x", f"x has {len(x)} images but y has {len(y)} labels")
         self.x, self.y = x, y
         self.loss_func = CrossEntropyLossFlat() if y is not None else None  # lets `Learner` infer a loss
     def __len__(self): return len(self.x)
@@ -64,8 +64,8 @@ def image_tensor_dls(
     **kwargs,                # Passed to `DataLoaders.from_dsets`
 ) -> DataLoaders:
     "fastai `DataLoaders` over image tensors, with a seeded random train/valid split"
-    if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
-    if y is not None and len(x) != len(y): raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+    if not 0 <= valid_pct < 1: raise SettingError("valid_pct", f"valid_pct must be in [0, 1), got {valid_pct}")
+    if y is not None and len(x) != len(y): raise SettingError("x", f"x has {len(x)} images but y has {len(y)} labels")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_valid = int(len(x) * valid_pct)
     v, t = idx[:n_valid], idx[n_valid:]

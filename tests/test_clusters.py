@@ -20,6 +20,7 @@ from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, c
                                            prototype_assignments, show_feature_map, show_prototypes)
 from self_supervised_swav.clustering import swav_cluster
 from self_supervised_swav.cli import cluster_main as main
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SwAVModel, create_swav_model, sinkhorn_knopp
 
@@ -93,10 +94,10 @@ def test_balanced_from_a_model_equals_sinkhorn_of_its_scores(model, x16):
 
 def test_assignment_errors_name_the_parameter(model, x16):
     z, w = random_embeddings()
-    with pytest.raises(ValueError, match="chunk_size"): balanced_assign(z, w, chunk_size=0)
-    with pytest.raises(ValueError, match="empty"): balanced_assign(z[:0], w)
-    with pytest.raises(ValueError, match="prototype_weights"): prototype_assignments(z, w[:, :3])
-    with pytest.raises(ValueError, match="temp"): prototype_assignments(z, w, temp=0)
+    with pytest.raises(SettingError, match="chunk_size"): balanced_assign(z, w, chunk_size=0)
+    with pytest.raises(SettingError, match="empty"): balanced_assign(z[:0], w)
+    with pytest.raises(SettingError, match="prototype_weights"): prototype_assignments(z, w[:, :3])
+    with pytest.raises(SettingError, match="temp"): prototype_assignments(z, w, temp=0)
     with pytest.raises(TypeError, match="SwAV model"): assign_prototypes(torch.nn.Linear(2, 2), x16)
 
 
@@ -127,8 +128,8 @@ def test_dominant_empty_and_duplicate_prototypes():
     st = cluster_stats([0] * 17 + [1] * 2 + [2], 4, prototype_weights=w)
     assert st.n_dominant == 1 and st.n_empty == 1
     assert [(i, j) for i, j, _ in st.near_duplicates] == [(0, 3)]
-    with pytest.raises(ValueError, match="one label per image"): cluster_stats([0, 1], 4, labels=[0])
-    with pytest.raises(ValueError, match=r"\[0, 4\)"): cluster_stats([0, 4], 4)
+    with pytest.raises(SettingError, match="one label per image"): cluster_stats([0, 1], 4, labels=[0])
+    with pytest.raises(SettingError, match=r"\[0, 4\)"): cluster_stats([0, 4], 4)
 
 
 # ---------------------------------------------------------------- figures
