@@ -14,7 +14,7 @@ from fastcore.docments import docments
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the command's output clean
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from self_supervised_swav.checks import SettingError
-    from self_supervised_swav.config import AUTO, PretrainConfig, auto_number, with_file
+    from self_supervised_swav.config import AUTO, PretrainConfig, auto_number
     from self_supervised_swav.distributed import is_main_process
     from self_supervised_swav.pretrain import RunStopped, pretrain
     from self_supervised_swav.clustering import ClusterConfig, cluster_folder
@@ -85,7 +85,7 @@ def config_parser(
 def swav_pretrain(**settings) -> dict:
     "Pretrain with SwAV from Python as the command line does: `settings` are its options; the results of `swav_pretrain.json`"
     try:
-        res = pretrain(with_file(PretrainConfig(**settings)))
+        res = pretrain(PretrainConfig(**settings))
     except UsageError: raise
     except SettingError as e: raise UsageError(e.param, flag_message(e)) from None
     if is_main_process(): print("\n".join(res.summary()), flush=True)

@@ -26,7 +26,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
 
     from self_supervised_swav.checks import SettingError, first_line
-    from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto
+    from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto, with_file
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
@@ -352,7 +352,7 @@ def pretrain(
     config: PretrainConfig,   # The settings of the run
 ) -> PretrainResult:
     "Pretrain an encoder with SwAV as `config` says; `SettingError` for bad input, `RunStopped` when training stops early"
-    start = time.time()
+    start, config = time.time(), with_file(config)   # the settings of `config.config` for those left at their default
     config, ckpt = resumed(config) if config.resume else (config, None)
     set_seed(config.seed)
     config, encoder, data, augs, reasons = _prepare(config)
