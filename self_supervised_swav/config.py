@@ -103,7 +103,7 @@ def _numbers(c: PretrainConfig):
     "The checks of the numeric fields, each naming its field"
     check_positive("epochs", c.epochs, integer=True)
     check_positive("bs", c.bs, integer=True, minimum=2)   # SwAV's codes share a batch among prototypes; BatchNorm needs 2 images
-    check_positive("seed", c.seed, integer=True, minimum=0)
+    check_nonnegative("seed", c.seed, integer=True)
     for name in ("size", "max_images"):
         if getattr(c, name) is not None: check_positive(name, getattr(c, name), integer=True)
     if c.workers is not None: check_nonnegative("workers", c.workers, integer=True)
