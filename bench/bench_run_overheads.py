@@ -21,7 +21,7 @@ from fastai.learner import Learner
 import fastai.callback.progress  # noqa: F401  (Learner.no_bar)
 
 from self_supervised_swav.checkpoint import save_checkpoint
-from self_supervised_swav.cli import embedded_dls, folder_dls, folder_labels, image_files
+from self_supervised_swav.data import embedded_dls, folder_dls, folder_labels, image_files
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 

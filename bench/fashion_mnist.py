@@ -83,11 +83,11 @@ def build_encoder(args) -> torch.nn.Module:
 
 
 def apply_auto(args, n_train: int):
-    "The settings `swav_pretrain` chooses by default (`suggest_swav_settings`, 10 classes) instead of the hand-tuned ones"
-    from self_supervised_swav.suggest import suggest_swav_settings
-    suggested = suggest_swav_settings(n_train, args.bs, args.epochs, n_classes=10, opt="adam")
-    for name in ("n_protos", "K", "queue_start_pct", "freeze_protos_iters", "lr", "wd", "eps"): setattr(args, name, suggested[name][0])
-    args.auto_reasons = {name: suggested[name][1] for name in ("n_protos", "K", "freeze_protos_iters", "lr", "wd", "eps")}
+    "The settings `swav_pretrain` chooses by default (the library's `resolve_auto`, 10 classes) instead of the hand-tuned ones"
+    from self_supervised_swav.config import PretrainConfig, resolve_auto
+    config, why = resolve_auto(PretrainConfig(bs=args.bs, epochs=args.epochs, opt="adam"), n_train, n_classes=10)
+    for name in ("n_protos", "K", "queue_start_pct", "freeze_protos_iters", "lr", "wd", "eps"): setattr(args, name, getattr(config, name))
+    args.auto_reasons = {name: why[name] for name in ("n_protos", "K", "freeze_protos_iters", "lr", "wd", "eps")}
     print("auto settings:", {k: getattr(args, k) for k in args.auto_reasons}, flush=True)
 
 

@@ -1,4 +1,6 @@
-"swav_pretrain end to end on the embedded digits and on folders, and its one-line errors for each bad input."
+"swav_pretrain end to end on the embedded digits and on folders, and the one-line errors of both commands for each bad input."
+import dataclasses
+import importlib.util
 import json
 import os
 import runpy
@@ -11,8 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from self_supervised_swav.cli import UsageError, swav_pretrain
-from self_supervised_swav.finetune import load_encoder
+from self_supervised_swav.cli import UsageError, cluster_main, main, swav_pretrain
+from self_supervised_swav.clustering import ClusterConfig
+from self_supervised_swav.config import PretrainConfig
+from self_supervised_swav.modelfile import load_encoder
 from self_supervised_swav.layers import create_encoder
 
 TINY = dict(size=16, crop_sizes=[16, 8], epochs=1, n_protos=20)   # a few seconds on 2 CPU cores
@@ -57,7 +61,7 @@ def test_embedded_default_end_to_end(digits_run):
 
 def test_saved_encoder_has_full_size_batchnorm_statistics(digits_run):
     "The saved encoder's BatchNorm statistics are those of the full-size training images, not a mix with the small crops'"
-    from self_supervised_swav.cli import GRAY_STATS, embedded_dls
+    from self_supervised_swav.data import GRAY_STATS, embedded_dls
     from self_supervised_swav.evaluation import recalibrate_bn
     from self_supervised_swav.augmentations import BatchNormalize
     from fastai.data.core import Pipeline
@@ -198,4 +202,74 @@ def test_pretrained_offline_is_one_line(tmp_path):
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("swav_pretrain: error: --pretrained: cannot get the pretrained weights of resnet10t") and "drop --pretrained" in last
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- every option of both commands, with a bad value
+
+def bad_pretrain_values(tmp: Path) -> dict:
+    "{option: argv with a bad value for it}: for every field of PretrainConfig"
+    (tmp / "a_file").write_text("x")
+    (tmp / "no_run").mkdir(exist_ok=True)
+    gpu = torch.cuda.is_available()
+    flag_or = lambda name, bad_when: [f"--{name}"] if bad_when else [f"--{name}=1"]   # a flag that cannot apply, or argparse's refusal
+    return dict(
+        path=["--path", str(tmp / "missing")], arch=["--arch", "resnet1000"], num_crops=["--num_crops", "1", "2"],
+        crop_sizes=["--crop_sizes", "0", "0"], min_scales=["--min_scales", "0.9", "0.9"], max_scales=["--max_scales", "2", "2"],
+        size=["--size", "0"], epochs=["--epochs", "0"], bs=["--bs", "1"], lr=["--lr", "-1"], n_protos=["--n_protos", "0"],
+        K=["--K", "-1"], queue_start_pct=["--queue_start_pct", "2"], eps=["--eps", "0"], temp=["--temp", "0"],
+        freeze_protos_iters=["--freeze_protos_iters", "-1"], opt=["--opt", "adamw"], wd=["--wd", "-1"], momentum=["--momentum", "1.5"],
+        schedule=["--schedule", "step"], warmup_epochs=["--warmup_epochs", "6"], final_lr=["--final_lr", "0"], recipe=["--recipe", "simclr"],
+        jitter_s=["--jitter_s", "-1"], flip_p=["--flip_p", "2"], valid_pct=["--valid_pct", "1"], gray=["--gray=1"], rgb=["--rgb=1"],
+        max_images=["--max_images", "0"], workers=["--workers", "-1"], output=["--output", str(tmp / "a_file" / "out")],
+        seed=["--seed", "-1"], fp16=flag_or("fp16", not gpu), bf16=flag_or("bf16", not gpu), channels_last=["--channels_last=1"],
+        pretrained=["--pretrained=1"], tensorboard=flag_or("tensorboard", importlib.util.find_spec("tensorboard") is None),
+        wandb=flag_or("wandb", importlib.util.find_spec("wandb") is None), config=["--config", str(tmp / "missing.json")],
+        arch_kwargs=["--arch_kwargs", "{drop"], resume=["--resume", str(tmp / "no_run")], overwrite=["--overwrite=1"])
+
+
+def one_error_line(command, argv: list, capsys) -> str:
+    "The command run in this process: exit status 2 and one line on stderr, without a traceback"
+    with pytest.raises(SystemExit) as e: command(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, (argv, e.value.code, err)
+    return err
+
+
+def test_every_pretrain_option_has_a_one_line_error(tmp_path, capsys):
+    bad = bad_pretrain_values(tmp_path)
+    assert set(bad) == {f.name for f in dataclasses.fields(PretrainConfig)}   # a new option needs a bad value here
+    for name, argv in bad.items():
+        err = one_error_line(main, ["--output", str(tmp_path / "out"), "--epochs", "1", *argv] if name != "output" else argv, capsys)
+        assert err.startswith("swav_pretrain: error: ") and (f"--{name}" in err or f"--{name.replace('_', '-')}" in err), (name, err)
+    assert not (tmp_path / "out").exists()   # every mistake is found before the run's folder is made
+
+
+def test_momentum_is_one_line(capsys):
+    "The issue's example: a value the optimiser would refuse with a traceback is one line, before anything is loaded"
+    err = one_error_line(main, ["--momentum", "1.5"], capsys)
+    assert err == "swav_pretrain: error: --momentum must be in [0, 1), got 1.5\n"
+
+
+def test_every_cluster_option_has_a_one_line_error(tmp_path, capsys):
+    from self_supervised_swav.modelfile import save_swav_model
+    from self_supervised_swav.layers import create_encoder
+    from self_supervised_swav.swav import create_swav_model
+    torch.manual_seed(0)
+    model = create_swav_model(create_encoder("resnet10t", pretrained=False, n_in=1), hidden_size=32, projection_size=16, n_protos=4).eval()
+    m = str(save_swav_model(model, tmp_path / "m.pth", arch="resnet10t", stats=([0.3], [0.3]), image_size=16, temp=0.1) or tmp_path / "m.pth")
+    imgs = make_folder(tmp_path / "imgs", classes=None, n=4)
+    for f in imgs.iterdir(): Image.open(f).convert("L").save(f)
+    (tmp_path / "a_file").write_text("x")
+    bad = dict(model=["--model", str(tmp_path / "none.pth")], path=["--path", str(tmp_path / "missing")], balanced=["--balanced=1"],
+               eps=["--eps", "0"], output=["--output", str(tmp_path / "a_file" / "out")], link=["--link=1"], size=["--size", "0"],
+               convert=["--convert=1"], bs=["--bs", "0"], workers=["--workers", "-1"], device=["--device", "nodevice"],
+               rows=["--rows", "0"], cols=["--cols", "0"], feature_map=["--feature_map", "umap"], progress=["--no_progress=1"])
+    assert set(bad) == {f.name for f in dataclasses.fields(ClusterConfig)}
+    flag = dict(progress="no_progress")
+    for name, argv in bad.items():
+        base = dict(model=m, path=str(imgs), output=str(tmp_path / "out"))
+        base.pop(name, None)
+        err = one_error_line(cluster_main, [a for k, v in base.items() for a in (f"--{k}", v)] + ["--no_progress"] * (name != "progress") + argv, capsys)
+        assert err.startswith("swav_cluster: error: ") and f"--{flag.get(name, name)}" in err, (name, err)
     assert not (tmp_path / "out").exists()

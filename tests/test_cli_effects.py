@@ -25,7 +25,7 @@ from torch.utils.data import dataloader
 from helpers import digits_folder, on_checkpoint, run_main
 from self_supervised_swav.checkpoint import Interrupted
 from self_supervised_swav.cli import main
-from self_supervised_swav.finetune import load_pretrained_encoder
+from self_supervised_swav.modelfile import load_pretrained_encoder
 
 BASE = ["--epochs", 1, "--max_images", 64, "--bs", 16, "--size", 16, "--crop_sizes", 16, 8, "--n_protos", 8]
 VARIANTS = dict(

@@ -13,10 +13,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-import self_supervised_swav.clusters as clusters
-import self_supervised_swav.finetune as finetune
-from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, main, nearest_images,
-                                           prototype_assignments, show_feature_map, show_prototypes, swav_cluster)
+import self_supervised_swav.clustering as clustering
+import self_supervised_swav.modelfile as modelfile
+from self_supervised_swav.clusters import (assign_prototypes, balanced_assign, cluster_stats, nearest_images,
+                                           prototype_assignments, show_feature_map, show_prototypes)
+from self_supervised_swav.clustering import swav_cluster
+from self_supervised_swav.cli import cluster_main as main
+from self_supervised_swav.checks import SettingError
 from self_supervised_swav.swav import SwAVModel, sinkhorn_knopp
 from helpers import digits_folder, resnet_swav_model
 
@@ -85,10 +88,10 @@ def test_balanced_from_a_model_equals_sinkhorn_of_its_scores(model, x16):
 
 def test_assignment_errors_name_the_parameter(model, x16):
     z, w = random_embeddings()
-    with pytest.raises(ValueError, match="chunk_size"): balanced_assign(z, w, chunk_size=0)
-    with pytest.raises(ValueError, match="empty"): balanced_assign(z[:0], w)
-    with pytest.raises(ValueError, match="prototype_weights"): prototype_assignments(z, w[:, :3])
-    with pytest.raises(ValueError, match="temp"): prototype_assignments(z, w, temp=0)
+    with pytest.raises(SettingError, match="chunk_size"): balanced_assign(z, w, chunk_size=0)
+    with pytest.raises(SettingError, match="empty"): balanced_assign(z[:0], w)
+    with pytest.raises(SettingError, match="prototype_weights"): prototype_assignments(z, w[:, :3])
+    with pytest.raises(SettingError, match="temp"): prototype_assignments(z, w, temp=0)
     with pytest.raises(TypeError, match="SwAV model"): assign_prototypes(torch.nn.Linear(2, 2), x16)
 
 
@@ -119,8 +122,8 @@ def test_dominant_empty_and_duplicate_prototypes():
     st = cluster_stats([0] * 17 + [1] * 2 + [2], 4, prototype_weights=w)
     assert st.n_dominant == 1 and st.n_empty == 1
     assert [(i, j) for i, j, _ in st.near_duplicates] == [(0, 3)]
-    with pytest.raises(ValueError, match="one label per image"): cluster_stats([0, 1], 4, labels=[0])
-    with pytest.raises(ValueError, match=r"\[0, 4\)"): cluster_stats([0, 4], 4)
+    with pytest.raises(SettingError, match="one label per image"): cluster_stats([0, 1], 4, labels=[0])
+    with pytest.raises(SettingError, match=r"\[0, 4\)"): cluster_stats([0, 4], 4)
 
 
 # ---------------------------------------------------------------- figures
@@ -151,12 +154,12 @@ def test_map_and_nearest_images(model, x16):
 
 def save_model(path: Path, model, **meta):
     "A full-model file as swav_pretrain writes it (`save_swav_model`), read back by `load_swav_model`"
-    return finetune.save_swav_model(model, path, **dict(arch="resnet10t", stats=([0.3], [0.3]), image_size=SIZE, temp=0.1, **meta))
+    return modelfile.save_swav_model(model, path, **dict(arch="resnet10t", stats=([0.3], [0.3]), image_size=SIZE, temp=0.1, **meta))
 
 
 def load_returns(monkeypatch, model, meta):
     "Make swav_cluster's `load_swav_model` return (model, meta), for models no file describes"
-    monkeypatch.setattr(clusters, "load_swav_model", lambda path: (model, meta))
+    monkeypatch.setattr(clustering, "load_swav_model", lambda path: (model, meta))
 
 
 def run(argv, capsys):
@@ -168,23 +171,51 @@ def run(argv, capsys):
 
 def test_swav_cluster_end_to_end(tmp_path, model, digits_at, capsys):
     folder = digits_folder(tmp_path / "imgs", digits_at(24))
-    (folder / "class_0" / "broken.png").write_bytes(b"not a png")          # skipped and counted
     out = tmp_path / "out"
     main(["--model", str(save_model(tmp_path / "swav_model.pth", model)), "--path", str(folder), "--output", str(out),
           "--balanced", "--link", "--rows", "3", "--cols", "4", "--no_progress"])
     printed = capsys.readouterr().out
-    assert "skipped 1 unreadable image" in printed and "NMI" in printed
+    assert "20 images in" in printed and "NMI" in printed
     for name in ("clusters.csv", "prototypes.png", "map.png", "summary.json"): assert (out / name).stat().st_size > 0
     rows = (out / "clusters.csv").read_text().splitlines()
     assert rows[0] == "file,prototype,confidence" and len(rows) == 21
     assert rows[1].startswith("class_0/") and 0 <= int(rows[1].split(",")[1]) < N_PROTOS
     s = json.loads((out / "summary.json").read_text())
-    assert s["n_images"] == 20 and s["n_unreadable"] == 1 and s["balanced"] and s["labelled"]
+    assert s["n_images"] == 20 and s["balanced"] and s["labelled"]
     assert sum(s["sizes"]) == 20 and len(s["sizes"]) == N_PROTOS
     assert all(s[k] is not None for k in ("nmi", "ari", "purity")) and s["classes"] == ["class_0", "class_1"]
     links = sorted((out / "by_prototype").rglob("*.png"))
     assert len(links) == 20 and all(l.is_symlink() and l.resolve().is_file() for l in links)
     assert sum(s["sizes"][int(p.name.split("_")[1])] for p in (out / "by_prototype").iterdir()) == 20
+
+
+def test_an_unreadable_image_stops_the_clustering(tmp_path, model, digits_at, capsys):
+    "The one policy of `data`, shared with swav_pretrain: one line naming the file, exit status 2, no output"
+    folder = digits_folder(tmp_path / "imgs", digits_at(24), n=4)
+    (folder / "class_0" / "broken.png").write_bytes(b"not a png")
+    err = run(["--model", str(save_model(tmp_path / "m.pth", model)), "--path", str(folder), "--output", str(tmp_path / "o"), "--no_progress"], capsys)
+    assert err.startswith(f"swav_cluster: error: --path: cannot read image {str(folder / 'class_0' / 'broken.png')!r}"), err
+    assert not (tmp_path / "o").exists()
+
+
+def csv_prototypes(out: Path) -> list[int]:
+    return [int(r.split(",")[1]) for r in (out / "clusters.csv").read_text().splitlines()[1:]]
+
+
+def test_cluster_options_have_their_effect(tmp_path, model, digits_at):
+    "--balanced, --eps, --link and --feature_map each change what is written (an option parsed and ignored fails here)"
+    folder = digits_folder(tmp_path / "imgs", digits_at(24), n=40)
+    m = str(save_model(tmp_path / "m.pth", model))
+    run_ = lambda name, *args: (main(["--model", m, "--path", str(folder), "--output", str(tmp_path / name), "--no_progress", *args]), tmp_path / name)[1]
+    plain, balanced, sharp = run_("plain"), run_("balanced", "--balanced"), run_("sharp", "--balanced", "--eps", "0.002")
+    sizes = {k: torch.tensor(csv_prototypes(o)).bincount(minlength=N_PROTOS) for k, o in dict(plain=plain, balanced=balanced, sharp=sharp).items()}
+    assert sizes["balanced"].max() < sizes["plain"].max(), sizes              # balanced spreads the images over the prototypes
+    assert sizes["sharp"].max() - sizes["sharp"].min() < sizes["balanced"].max() - sizes["balanced"].min(), sizes   # a smaller eps: closer to equal
+    assert (sizes["sharp"] > 0).all(), sizes                                   # every prototype used
+    assert not (plain / "by_prototype").exists() and (run_("linked", "--link") / "by_prototype").is_dir()
+    tsne = run_("tsne", "--feature_map", "tsne")
+    assert (tsne / "map.png").read_bytes() != (plain / "map.png").read_bytes()
+    assert (run_("tsne_old", "--map", "tsne") / "map.png").stat().st_size > 0   # the older spelling of the flag
 
 
 def test_swav_cluster_unlabelled_flat_folder(tmp_path, model, digits_at):
@@ -203,14 +234,14 @@ def test_swav_cluster_bad_inputs(tmp_path, model, digits_at, monkeypatch, capsys
     torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pth")
     assert "is not a SwAV model file" in run(["--model", str(tmp_path / "weights.pth"), "--path", str(folder)] + common, capsys)
     assert "does not exist" in run(["--model", str(tmp_path / "none.pth"), "--path", str(folder)] + common, capsys)
-    assert "--eps must be positive" in run(["--model", good, "--path", str(folder), "--balanced", "--eps", "0"] + common, capsys)
-    finetune.save_encoder(model, tmp_path / "encoder.pth", arch="resnet10t", image_size=SIZE)
+    assert "--eps must be a number > 0" in run(["--model", good, "--path", str(folder), "--balanced", "--eps", "0"] + common, capsys)
+    modelfile.save_encoder(model, tmp_path / "encoder.pth", arch="resnet10t", image_size=SIZE)
     assert "is not a SwAV model file" in run(["--model", str(tmp_path / "encoder.pth"), "--path", str(folder)] + common, capsys)
     (tmp_path / "empty").mkdir()
     assert "no images in" in run(["--model", good, "--path", str(tmp_path / "empty")] + common, capsys)
     assert "does not exist" in run(["--model", good, "--path", str(tmp_path / "nowhere")] + common, capsys)
     broken = tmp_path / "broken"; broken.mkdir(); (broken / "a.png").write_bytes(b"garbage")
-    assert "can be read" in run(["--model", good, "--path", str(broken)] + common, capsys)
+    assert "cannot read image" in run(["--model", good, "--path", str(broken)] + common, capsys)
     colour = digits_folder(tmp_path / "colour", digits_at(24), n=4, rgb=True)
     assert "--convert" in run(["--model", good, "--path", str(colour)] + common, capsys)
     assert swav_cluster(good, str(colour), convert=True, output=str(tmp_path / "o2"), progress=False)["n_images"] == 4
