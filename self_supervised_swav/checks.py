@@ -54,6 +54,7 @@ def check_in_range(
     if not ok: raise SettingError(name, f"{name} must be in {'(' if open_lo else '['}{lo}, {hi}{')' if open_hi else ']'}, got {v!r}")
     return v
 
+# %% ../nbs/00a_checks.ipynb #c012b
 def check_pair(
     name: str,   # Parameter name, for the message
     rng: Any,    # The value received: a (min, max) pair
