@@ -183,8 +183,15 @@ def _fmt(v) -> str: return "n/a" if v is None else f"{v:.4f}"
 
 # %% ../nbs/06a_pretrain.ipynb #p016
 class TrainedEpochsCSV(TrainedEpochs, CSVLogger):
-    "fastai's `CSVLogger`, without the rows of the epochs that a resumed fit skips (`start_epoch`)"
-    def before_fit(self): TrainedEpochs.before_fit(self); CSVLogger.before_fit(self)
+    "fastai's `CSVLogger`, without the rows of the epochs that a resumed fit skips (`start_epoch`), and one header when it appends"
+    def before_fit(self):
+        TrainedEpochs.before_fit(self)
+        path, append = self.path / self.fname, self.append
+        rows = path.read_text().splitlines()[1:] if append and path.is_file() else []   # fastai would repeat the header
+        self.append = False                                                             # a new file, its header, the old rows
+        try: CSVLogger.before_fit(self)
+        finally: self.append = append
+        for row in rows: self.file.write(row + "\n")
     def _write_line(self, log):
         if self.epoch_trained: super()._write_line(log)
         else: self.old_logger(log)

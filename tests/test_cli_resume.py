@@ -60,6 +60,8 @@ def test_resume_after_sigterm_equals_uninterrupted_run(full_run, tmp_path):
     assert read_checkpoint(out / "checkpoint.pth")["epoch"] == 1 and (out / "encoder.pth").exists()
     assert run_main(main, "--resume", out)[0] == 0
     assert [e["epoch"] for e in epochs(out)] == [0, 1, 2]                    # the CSV log continues, without the skipped epochs
+    lines = (out / "history.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("epoch,") and not any(l.startswith("epoch,") for l in lines[1:])   # one header
     assert_same_run(out, full_run)
 
 
