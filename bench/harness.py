@@ -18,13 +18,11 @@ import subprocess
 import sys
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from self_supervised_swav.distributed import run_on_cpus
 
 START_METHOD = os.environ.get("SWAV_TEST_START_METHOD", "fork")   # of `start_gloo`'s processes
 
@@ -126,26 +124,10 @@ def child_settings(child: str) -> argparse.Namespace:
     return argparse.Namespace(**json.loads(child))
 
 
-# ---- gloo process groups (the launcher of `ddp_cpu.py` and of the multi-process tests)
-def _entry(rank: int, fn, world: int, store: str, args: tuple, timeout: float):
-    "Body of one process: RANK/WORLD_SIZE as torchrun sets them (fastai reads them), join the gloo group, run `fn`, leave"
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-    try: fn(rank, world, *args)
-    finally: dist.destroy_process_group()
-
-
+# ---- gloo process groups (the launcher of `ddp_cpu.py` and of the multi-process tests): the library's `run_on_cpus`
 def start_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> None:
     "Run `fn(rank, world, out_dir, *args)` in `world` gloo processes and wait for them (killed after `timeout` s)"
-    ctx = mp.start_processes(_entry, args=(fn, world, str(Path(out_dir) / "store"), (out_dir, *args), timeout), nprocs=world,
-                             join=False, start_method=START_METHOD)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish in {timeout} s")
+    run_on_cpus(fn, out_dir, *args, world=world, timeout=timeout, start_method=START_METHOD)
 
 
 def run_gloo(fn, out_dir: Path, *args, world: int = 2, timeout: float = 90) -> list:

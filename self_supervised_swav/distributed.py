@@ -4,10 +4,16 @@
 
 # %% ../nbs/07_distributed.ipynb #d002
 from __future__ import annotations
+import os
+import tempfile
+import time
 from contextlib import contextmanager
+from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
@@ -25,7 +31,7 @@ else: _ACCELERATE = True
 
 # %% auto #0
 __all__ = ['world_rank', 'is_distributed', 'is_main_process', 'all_gather_stack', 'GlooDistributedDL', 'CPUDistributedTrainer',
-           'init_gloo', 'swav_distrib_ctx']
+           'init_gloo', 'swav_distrib_ctx', 'run_on_cpus']
 
 # %% ../nbs/07_distributed.ipynb #d003
 def world_rank() -> tuple[int, int]:
@@ -112,3 +118,24 @@ def swav_distrib_ctx(
     if not is_main_process(): learn.remove_cb(ProgressCallback)        # as fastai's `to_distributed`: rank 0 alone prints
     try: yield learn
     finally: learn.detach_distributed()
+
+# %% ../nbs/07_distributed.ipynb #c006
+def _gloo_process(rank: int, fn, world: int, tmp: str, args: tuple, timeout: float):
+    "One process of `run_on_cpus`: a launcher's RANK/WORLD_SIZE, one torch thread, the gloo group; saves what `fn` returns"
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    try: torch.save(fn(rank, world, *args), f"{tmp}/{rank}.pt")
+    finally: dist.destroy_process_group()
+
+def run_on_cpus(fn: Callable, *args, world: int = 2, timeout: float = 90., start_method: str = "fork") -> list:
+    "Run `fn(rank, world, *args)` in `world` CPU processes joined by gloo (killed after `timeout` s); what each returned, by rank"
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_gloo_process, args=(fn, world, tmp, args, timeout), nprocs=world, join=False, start_method=start_method)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive(): p.kill()
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not finish in {timeout} s")
+        return [torch.load(f"{tmp}/{r}.pt", weights_only=False) for r in range(world)]

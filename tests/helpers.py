@@ -10,7 +10,7 @@
 * `on_checkpoint`, `run_main`, `child_env`: act right after a run's checkpoint of an epoch is written (raise, or signal the
   process itself); call a command's `main(argv)` here (exit status, stderr); the environment of a child Python process.
 
-The gloo launcher (`run_gloo`, `save_result`) is shared with the benchmarks: it lives in `bench/harness.py`.
+The gloo launcher (`run_gloo`, `save_result`) is shared with the benchmarks: it lives in `bench/harness.py`, over the library's `distributed.run_on_cpus`.
 """
 from __future__ import annotations
 import os
