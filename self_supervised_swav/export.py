@@ -226,7 +226,7 @@ def export_run(
     done = {}
     for fmt in parse_formats(config.formats) or default_formats(encoder, meta):
         try: done[fmt] = _export_one(fmt, encoder, meta, out, settings, results)
-        except (SettingError, ValueError) as e:
+        except Exception as e:   # strict=False is the end of a finished run: an export that fails must not fail the run
             if strict: raise
-            done[fmt] = f"skipped ({first_line(e, 200)})"
+            done[fmt] = f"skipped ({first_line(e, 200) if isinstance(e, (SettingError, ValueError)) else f'{type(e).__name__}: {first_line(e, 160)}'})"
     return done
