@@ -8,6 +8,8 @@ import copy
 import importlib.util
 import json
 import os
+import sys
+from contextlib import contextmanager
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,17 @@ def export_torchvision(encoder: nn.Module, meta: dict, path: str | os.PathLike) 
     return atomic_save(torchvision_state_dict(encoder, meta), path)
 
 # %% ../nbs/03b_export.ipynb #x031
+@contextmanager
+def _stdout_dropped():
+    "Drop what is written to the process's stdout, by Python or C++ (the exporter prints its whole graph when it fails)"
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try: yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1); os.close(saved); os.close(null)
+
 def _check_onnx(path: Path, encoder: nn.Module, x: torch.Tensor, atol: float):
     "Run the ONNX file with onnxruntime on `x` and compare with `encoder`; a `ValueError` if they differ"
     import onnxruntime as ort
@@ -172,7 +185,7 @@ def export_onnx(
     tmp = path.with_name(path.name + ".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _stdout_dropped():
             warnings.simplefilter("ignore")   # the exporter's deprecation and tracer warnings
             torch.onnx.export(enc, torch.zeros(2, meta["n_in"], size, size), str(tmp), dynamo=False, input_names=["images"],
                               output_names=["features"], dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})

@@ -155,3 +155,14 @@ def test_crafted_pickles_run_nothing(tmp_path):
     assert not marker.exists()
     torch.load(evil, weights_only=False)   # the file is armed: an unsafe load would have run it
     assert marker.exists()
+
+
+def test_onnx_refusal_is_one_line_and_quiet(tmp_path, capfd):
+    pytest.importorskip("onnx")
+    from self_supervised_swav.export import export_onnx
+
+    class FFT(nn.Module):   # an operator the ONNX exporter does not know
+        def forward(self, x): return torch.fft.rfft2(x).abs().mean((1, 2, 3))[:, None]
+    with pytest.raises(SettingError, match=r"^onnx: fft does not export to ONNX \(UnsupportedOperatorError: .*\): export timm or torchvision$"):
+        export_onnx(FFT(), dict(arch="fft", n_in=1, image_size=8), tmp_path / "fft.onnx")
+    assert capfd.readouterr().out == "" and not (tmp_path / "fft.onnx").exists()
