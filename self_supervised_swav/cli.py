@@ -18,10 +18,11 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.distributed import is_main_process
     from self_supervised_swav.pretrain import RunStopped, pretrain
     from self_supervised_swav.clustering import ClusterConfig, cluster_folder
+    from self_supervised_swav.export import ExportConfig, export_run
 
 # %% auto #0
 __all__ = ['UsageError', 'flag_message', 'OneLineParser', 'config_parser', 'swav_pretrain', 'pretrain_parser', 'main',
-           'cluster_parser', 'cluster_main']
+           'cluster_parser', 'cluster_main', 'export_parser', 'export_main']
 
 # %% ../nbs/06_cli.ipynb #c006
 class UsageError(SettingError):
@@ -119,3 +120,16 @@ def cluster_main(argv: list[str] | None = None):
     plt.switch_backend("Agg")
     try: cluster_folder(ClusterConfig(**vars(args)))
     except SettingError as e: _exit("swav_cluster", f"error: {flag_message(e)}", 2)
+
+# %% ../nbs/06_cli.ipynb #c022
+def export_parser() -> OneLineParser:
+    "The parser of `swav_export`, generated from `ExportConfig`"
+    return config_parser(ExportConfig, "swav_export", "Export the encoder of a finished swav_pretrain run: a timm folder (model.safetensors, "
+                         "config.json, model card), a torchvision state_dict, ONNX")
+
+def export_main(argv: list[str] | None = None):
+    "The `swav_export` command: parse `argv` (default: `sys.argv[1:]`), export, print the files; a mistake is one line on stderr and exit status 2"
+    args = export_parser().parse_args(argv)
+    try: done = export_run(ExportConfig(**vars(args)))
+    except SettingError as e: _exit("swav_export", f"error: {flag_message(e)}", 2)
+    for fmt, path in done.items(): print(f"{fmt}: {path}", flush=True)

@@ -63,6 +63,7 @@ class PretrainConfig:
     bf16: bool = False               # Mixed precision training in bfloat16 (needs a CUDA GPU)
     channels_last: bool = False      # Channels-last memory format (faster convolutions on recent GPUs)
     pretrained: bool = False         # Start from timm's / fastai's pretrained weights (downloads them)
+    init: str | None = None          # Start from these weights: the official SwAV release (facebookresearch/swav ResNet-50, then --arch resnet50 --rgb), a torchvision/timm state_dict (encoder only), a file of this library or of self_supervised 1.0.4
     tensorboard: bool = False        # Log to OUTPUT/tensorboard with fastai's TensorBoardCallback (needs the tensorboard package)
     wandb: bool = False              # Log to Weights & Biases, offline, with fastai's WandbCallback (needs the wandb package)
     config: str | None = None        # JSON file of settings named as these options (e.g. a run's settings.json); options given here override it
@@ -124,7 +125,7 @@ def _choices(c: PretrainConfig):
     "The checks of the fields that name a choice, a file or a folder"
     check_choice("opt", c.opt, list(SWAV_OPTS))
     check_choice("schedule", c.schedule, ["one_cycle", "warmup_cosine"])
-    for name in ("path", "config", "resume", "arch_kwargs"):
+    for name in ("path", "config", "resume", "arch_kwargs", "init"):
         v = getattr(c, name)
         if v is not None and not (isinstance(v, str) and v): raise SettingError(name, f"{name} must be a non-empty string, got {v!r}")
     for name in ("arch", "output"):
@@ -233,7 +234,7 @@ def with_file(config: PretrainConfig) -> PretrainConfig:
 # %% ../nbs/05b_config.ipynb #c022
 SAME_RUN = ("path", "arch", "arch_kwargs", "num_crops", "crop_sizes", "min_scales", "max_scales", "size", "bs", "lr", "n_protos",
             "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "valid_pct", "gray", "rgb",
-            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last")
+            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last", "init")
 
 def changed_settings(
     saved: dict,            # The settings of the run (its settings.json or its checkpoint's)

@@ -46,6 +46,7 @@ class _FastAvgPool(nn.Module):
 
 def _fastai_pool(pool_type: PoolingType) -> nn.Module:
     "Pooling and flattening layers for a fastai body"
+    if pool_type is None or pool_type is False: pool_type = PoolingType.Avg   # the original library's meaning
     pool_type = PoolingType(pool_type)
     if pool_type is PoolingType.CatAvgMax: return nn.Sequential(AdaptiveConcatPool2d(1), Flatten())
     if pool_type is PoolingType.Avg:       return nn.Sequential(nn.AdaptiveAvgPool2d(1), Flatten())
@@ -94,9 +95,10 @@ def _option_error(arch: str, e: TypeError, kwargs: dict) -> SettingError | None:
                      "remove it from the options given to create_encoder (--arch_kwargs on the command line).")
 
 # %% ../nbs/00_layers.ipynb #c012
-def _timm_build(arch: str, pretrained: bool, n_in: int, pool: str, kwargs: dict) -> nn.Module:
+def _timm_build(arch: str, pretrained: bool, n_in: int, pool: str | None, kwargs: dict) -> nn.Module:
     "A timm model without its classifier; it keeps its own pooling, with a warning, if it does not support `pool`"
     common = dict(pretrained=pretrained, num_classes=0, in_chans=n_in, **kwargs)
+    if pool is None: return timm.create_model(arch, **common)   # timm's own pooling
     try: return timm.create_model(arch, global_pool=pool, **common)
     except (AssertionError, ValueError) as e:
         if "pool" not in str(e).lower(): raise
@@ -116,13 +118,13 @@ def create_timm_encoder(
     arch: str,                                      # A timm model name, e.g. "resnet18", "vit_tiny_patch16_224"
     pretrained: bool = True,                        # Load timm's pretrained weights
     n_in: int = 3,                                  # Number of input channels
-    pool_type: PoolingType = PoolingType.CatAvgMax, # Global pooling at the end of the encoder
+    pool_type: PoolingType | None = PoolingType.CatAvgMax, # Global pooling at the end of the encoder; None or False: timm's default
     **kwargs,                                       # Passed to `timm.create_model` (e.g. drop_path_rate=0.1); ViTs get dynamic_img_size=True unless set here
 ) -> nn.Module:
     "A timm model without its classifier, mapping images of any size it can take to flat features"
     _check_timm_name(arch)
     _check_reserved(arch, kwargs, _TIMM_RESERVED)
-    try: return _timm_build_any_size(arch, pretrained, n_in, PoolingType(pool_type).value, kwargs)
+    try: return _timm_build_any_size(arch, pretrained, n_in, None if pool_type is None or pool_type is False else PoolingType(pool_type).value, kwargs)
     except TypeError as e:
         err = _option_error(arch, e, kwargs)
         if err is None: raise
@@ -133,7 +135,7 @@ def create_fastai_encoder(
     arch: Callable,                                 # A fastai architecture, e.g. `xresnet18` (the function, not an instance)
     pretrained: bool = True,                        # Load pretrained weights where the architecture has them
     n_in: int = 3,                                  # Number of input channels
-    pool_type: PoolingType = PoolingType.CatAvgMax, # Global pooling at the end of the encoder
+    pool_type: PoolingType | None = PoolingType.CatAvgMax, # Global pooling at the end of the encoder; None or False: average pooling
     **kwargs,                                       # Passed to the architecture function (e.g. act_cls=nn.SiLU, sa=True)
 ) -> nn.Module:
     "A fastai architecture cut before its head, followed by pooling and flattening"

@@ -8,11 +8,13 @@ import json
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from packaging.version import InvalidVersion, Version
 from fastai.learner import Learner
 from fastai.layers import in_channels
@@ -27,7 +29,8 @@ from .swav import SWAV, create_swav_model
 
 # %% auto #0
 __all__ = ['META_FORMAT', 'ENCODER_META_KEYS', 'SWAV_META_KEYS', 'pretrained_meta', 'check_meta', 'atomic_save', 'save_encoder',
-           'save_swav_model', 'state_dict_mismatch', 'load_encoder', 'load_pretrained_encoder', 'load_swav_model']
+           'save_swav_model', 'encoder_keys', 'state_dict_mismatch', 'load_encoder', 'load_pretrained_encoder',
+           'load_swav_model', 'InitWeights', 'read_init', 'init_swav_model']
 
 # %% ../nbs/03a_modelfile.ipynb #c004e
 META_FORMAT = "self_supervised_swav"
@@ -209,12 +212,36 @@ def save_swav_model(
     meta = _full_meta(learn_or_model, meta, meta_kwargs, "swav_model")
     return atomic_save(dict(format=META_FORMAT, meta=meta, model=_cpu_state(model, _SWAV_PARTS)), path)
 
+# %% ../nbs/03a_modelfile.ipynb #c007f
+_TV_BODY = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}  # fastai's body of a torchvision ResNet, child by child
+_HEAD_KEYS = ("projection_head.", "prototypes.", "fc.")   # the official SwAV head, a torchvision/timm classifier
+
+def _strip(state: dict, prefix: str) -> dict: return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+def _key_layouts(state: dict) -> dict[str, dict]:
+    "The encoder state_dicts `state` may stand for, by layout: as saved; DDP, the official SwAV release or torchvision/timm; the original library 1.0.4"
+    flat = _strip(state, "module.")
+    tv = {f"{_TV_BODY[i]}.{rest}": v for k, v in state.items() for i, _, rest in [k.partition(".")] if i in _TV_BODY}
+    return {"as saved": state,
+            "'module.' prefix, SwAV head and classifier dropped": {k: v for k, v in flat.items() if not k.startswith(_HEAD_KEYS)},
+            "self_supervised 1.0.4 fastai encoder, Sequential(*body, pool, flatten)": {f"0.{k}": v for k, v in state.items()},
+            "self_supervised 1.0.4 torchvision-name encoder, fastai body of torchvision's ResNet": tv}
+
+def encoder_keys(
+    state: dict,          # An encoder's state_dict in any layout `load_encoder` knows
+    encoder: nn.Module,   # The encoder it is for
+) -> tuple[dict, str]:
+    "(`state` with the keys of `encoder`, the layout it was in); `state` as it is if no layout gives exactly `encoder`'s keys"
+    own = set(encoder.state_dict())
+    return next(((s, name) for name, s in _key_layouts(state).items() if set(s) == own), (state, "as saved"))
+
 # %% ../nbs/03a_modelfile.ipynb #c008
 def _encoder_state(ckpt: Any) -> tuple[dict, dict]:
     "(encoder state_dict, metadata) from the formats `load_encoder` accepts"
     if not isinstance(ckpt, dict): raise ValueError(f"Expected a checkpoint dict, got {type(ckpt).__name__}")
     meta = ckpt.get("meta", {}) if isinstance(ckpt.get("meta"), dict) else {}
     if "encoder" in ckpt and isinstance(ckpt["encoder"], dict): return ckpt["encoder"], meta
+    if isinstance(ckpt.get("state_dict"), dict): ckpt = ckpt["state_dict"]              # a training checkpoint
     if "model" in ckpt and isinstance(ckpt["model"], dict): ckpt = ckpt["model"]        # save_swav_model, learn.save(with_opt=True)
     if any(k.startswith("encoder.") for k in ckpt):                                         # a whole SwAV model
         return {k[len("encoder."):]: v for k, v in ckpt.items() if k.startswith("encoder.")}, meta
@@ -253,6 +280,7 @@ def load_encoder(
         raise ValueError(f"{path} holds more than weights (a learn.save checkpoint with its optimizer state?): pass "
                          "weights_only=False if you trust the file, or save it with learn.save(..., with_opt=False).") from e
     state, meta = _encoder_state(ckpt)
+    state, _ = encoder_keys(state, encoder)
     problem = state_dict_mismatch(encoder, state)
     if problem:
         saved = ", ".join(f"{k}={meta[k]}" for k in ("arch", "n_in", "pool_type", "encoder_class") if k in meta) or "unknown"
@@ -337,3 +365,80 @@ def load_swav_model(
     model = create_swav_model(_encoder_from(ckpt, path), **{k: meta[k] for k in ("hidden_size", "projection_size", "n_protos", "bn", "nlayers")})
     for part in ("projector", "prototypes"): _load_strict(getattr(model, part), _sub_state(ckpt["model"], part + "."), path, part)
     return model, meta
+
+# %% ../nbs/03a_modelfile.ipynb #c012b
+@dataclass
+class InitWeights:
+    "Weights to start pretraining from (`read_init`): the encoder's, and the projector's and prototypes' if the file has them"
+    path: str                        # The file
+    layout: str                      # What it is: "official SwAV", "swav_model" (this library), "encoder"
+    encoder: dict                    # The encoder's state_dict (in any layout `encoder_keys` converts)
+    projector: dict | None = None    # The projection head's state_dict, keys as in `create_mlp_module`
+    prototypes: dict | None = None   # {"weight": n_protos x projection_size}
+    pool_type: str | None = None     # The pooling its encoder was trained with; None: unknown (the default is kept)
+
+    @property
+    def head(self) -> dict:
+        "The `create_swav_model` sizes of the file's projector ({} without one)"
+        if not self.projector: return {}
+        lins = sorted((k for k, v in self.projector.items() if k.endswith(".weight") and v.ndim == 2), key=lambda k: int(k.split(".")[0]))
+        return dict(hidden_size=self.projector[lins[0]].shape[0], projection_size=self.projector[lins[-1]].shape[0], nlayers=len(lins),
+                    bn=any(k.endswith(".running_mean") for k in self.projector))
+
+def _official_swav(path, state: dict) -> InitWeights | None:
+    "The parts of an official facebookresearch/swav checkpoint, or None if `state` is not one"
+    flat = _strip(state, "module.")
+    if "prototypes.weight" not in flat or "projection_head.0.weight" not in flat: return None
+    return InitWeights(str(path), "official SwAV", {k: v for k, v in flat.items() if not k.startswith(_HEAD_KEYS)},
+                       _sub_state(flat, "projection_head."), _sub_state(flat, "prototypes."), "avg")
+
+def read_init(
+    path: str | os.PathLike,   # Official SwAV checkpoint, a file of this library, a torchvision/timm or original-library state_dict
+) -> InitWeights:
+    "The weights in `path`, read with `torch.load(weights_only=True)`; `SettingError` for `init` if it is not a weights file"
+    path = Path(path)
+    if not path.is_file(): raise SettingError("init", f"init {str(path)!r} does not exist: pass a weights file (.pth, .pth.tar)")
+    try: ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SettingError("init", f"init {str(path)!r} refused: it holds Python objects besides weights, which are never unpickled "
+                                   f"(torch.load(weights_only=True): {first_line(e, 100)})") from None
+    except _READ_ERRORS as e:
+        raise SettingError("init", f"init {str(path)!r} is not a torch weights file ({type(e).__name__}: {first_line(e, 100)})") from None
+    if not isinstance(ckpt, dict): raise SettingError("init", f"init {str(path)!r} holds a {type(ckpt).__name__}, not a state_dict")
+    if isinstance(ckpt.get("state_dict"), dict): ckpt = ckpt["state_dict"]
+    official = _official_swav(path, ckpt)
+    if official is not None: return official
+    meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
+    if isinstance(ckpt.get("model"), dict) and any(k.startswith("prototypes.") for k in ckpt["model"]):
+        m = ckpt["model"]
+        return InitWeights(str(path), "swav_model", _sub_state(m, "encoder."), _sub_state(m, "projector."), _sub_state(m, "prototypes."), meta.get("pool_type"))
+    return InitWeights(str(path), "encoder", _encoder_state(ckpt)[0], pool_type=meta.get("pool_type"))
+
+# %% ../nbs/03a_modelfile.ipynb #c012c
+def _init_head(model: nn.Module, init: InitWeights) -> list[str]:
+    "Load the file's projector and prototypes into `model`; what was done"
+    if init.projector is None: return ["projector and prototypes start random (the file holds an encoder only)"]
+    problem = state_dict_mismatch(model.projector, init.projector)
+    if problem: raise SettingError("init", f"init {init.path!r}: its projection head does not fit this model's: {problem}")
+    model.projector.load_state_dict(init.projector)
+    w, own = init.prototypes["weight"], model.prototypes.weight
+    if w.shape[1] != own.shape[1]: raise SettingError("init", f"init {init.path!r}: its prototypes have {w.shape[1]} dims, this model's {own.shape[1]}")
+    if w.shape[0] != own.shape[0]:
+        return ["projection head", f"not the prototypes: the file has {w.shape[0]}, this run {own.shape[0]}, so they are re-initialised"]
+    with torch.no_grad(): own.copy_(F.normalize(w.float(), dim=1))   # unit norm, as SwAV keeps them
+    return ["projection head", f"{w.shape[0]} prototypes"]
+
+def init_swav_model(
+    model: nn.Module,                            # A SwAV model built with the file's projector sizes (`InitWeights.head`)
+    init: InitWeights | str | os.PathLike,       # `read_init`'s weights, or the file
+) -> str:
+    "Load `init` into `model`: encoder (keys converted, shapes checked), projection head and prototypes when the file has them; one line saying what"
+    if not isinstance(init, InitWeights): init = read_init(init)
+    state, layout = encoder_keys(init.encoder, model.encoder)
+    problem = state_dict_mismatch(model.encoder, state)
+    if problem: raise SettingError("init", f"init {init.path!r} ({init.layout}): its encoder does not fit this {_arch_of(model.encoder)}: {problem}")
+    model.encoder.load_state_dict(state)
+    what = _init_head(model, init)
+    return f"init: {init.layout} weights from {init.path} ({layout}): encoder, " + ", ".join(what)
+
+def _arch_of(encoder: nn.Module) -> str: return (getattr(encoder, "pretrained_cfg", None) or {}).get("architecture") or type(encoder).__name__

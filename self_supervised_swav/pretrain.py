@@ -31,7 +31,8 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
     from self_supervised_swav.resume import TrainedEpochs
-    from self_supervised_swav.modelfile import save_encoder, save_swav_model
+    from self_supervised_swav.modelfile import InitWeights, init_swav_model, read_init, save_encoder, save_swav_model
+    from self_supervised_swav.export import export_run
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     from self_supervised_swav.plots import plot_run, run_history
     from self_supervised_swav.progress import use_line_progress
@@ -140,9 +141,9 @@ def _n_classes(data: Data) -> int | None:
     return len(torch.unique(t[1] if isinstance(t, (tuple, list)) else t)) if t is not None else None
 
 # %% ../nbs/06a_pretrain.ipynb #p012
-def _encoder(config: PretrainConfig, n_in: int) -> nn.Module:
+def _encoder(config: PretrainConfig, n_in: int, pool_type: str = "catavgmax") -> nn.Module:
     "The randomly initialised (or pretrained) encoder of `arch` with `arch_kwargs`, checked against the crop sizes"
-    try: encoder = create_encoder(config.arch, pretrained=config.pretrained, n_in=n_in, **arch_kwargs(config))
+    try: encoder = create_encoder(config.arch, pretrained=config.pretrained, n_in=n_in, pool_type=pool_type, **arch_kwargs(config))
     except (ValueError, TypeError) as e: raise SettingError("arch", f"arch: {e}") from None
     except Exception as e:   # downloading pretrained weights: no network, no cache, a hub error...
         if not config.pretrained: raise
@@ -158,9 +159,9 @@ def _augs(config: PretrainConfig, n_in: int):
                                   max_scales=config.max_scales, recipe=config.recipe, jitter_s=config.jitter_s, flip_p=config.flip_p,
                                   stats=GRAY_STATS if n_in == 1 else imagenet_stats)
 
-def _prepare(config: PretrainConfig) -> tuple[PretrainConfig, nn.Module, Data, list, dict]:
+def _prepare(config: PretrainConfig, init: InitWeights | None = None) -> tuple[PretrainConfig, nn.Module, Data, list, dict]:
     "(configuration with the `auto` settings chosen for the data, encoder, data, augmentation pipelines, {setting: why})"
-    encoder = _encoder(config, _n_in(config))
+    encoder = _encoder(config, _n_in(config), (init.pool_type if init is not None else None) or "catavgmax")   # --init: the pooling its encoder had
     data = _load_data(config)
     config, reasons = resolve_auto(config, data.n_train, _n_classes(data), world_rank()[0])
     if config.K: check_queue_length(config.K, data.n_train, world_rank()[0])
@@ -220,9 +221,15 @@ def _loggers(config: PretrainConfig, out: Path) -> list:
         cbs.append(WandbCallback(log_preds=False, log_model=False))
     return cbs
 
-def _learner(config: PretrainConfig, encoder: nn.Module, data: Data, augs, out: Path, settings: dict) -> Learner:
-    "The pretraining `Learner`, in the precision and memory format asked for"
-    learn = Learner(data.dls, create_swav_model(encoder, n_protos=config.n_protos), cbs=_callbacks(config, data, augs, out, settings),
+def _model(config: PretrainConfig, encoder: nn.Module, init: InitWeights | None) -> nn.Module:
+    "The SwAV model: with the projector sizes and the weights of `--init` if given (a resumed run loads its checkpoint instead)"
+    model = create_swav_model(encoder, n_protos=config.n_protos, **(init.head if init is not None else {}))
+    if init is not None and not config.resume: _say(init_swav_model(model, init))
+    return model
+
+def _learner(config: PretrainConfig, encoder: nn.Module, data: Data, augs, out: Path, settings: dict, init: InitWeights | None = None) -> Learner:
+    "The pretraining `Learner` (its model with the `--init` weights), in the precision and memory format asked for"
+    learn = Learner(data.dls, _model(config, encoder, init), cbs=_callbacks(config, data, augs, out, settings),
                     path=out, opt_func=swav_opt_func(config.opt, config.momentum, config.wd))
     use_line_progress(learn)   # one plain line per epoch when the output is a log file, fastai's bars in a terminal
     if config.channels_last: learn.to_channelslast(use_amp=False)
@@ -316,6 +323,11 @@ class PretrainResult:
                 f"swav_cluster --model {self.files['model']} --path {self.settings['path'] or 'FOLDER'}"]
 
 # %% ../nbs/06a_pretrain.ipynb #p023
+def _export(out: Path):
+    "The encoder for timm, torchvision and ONNX (`export_run`, the formats that fit), rank 0 only; one that does not fit is one line"
+    if not is_main_process(): return
+    for fmt, what in export_run(out, strict=False).items(): _say(f"export {fmt}: {what}")
+
 def _crops_png(learn: Learner, out: Path) -> Path:
     "A grid of training images and their crops (`learn.swav.show`), as crops.png"
     import matplotlib.pyplot as plt
@@ -364,13 +376,14 @@ def pretrain(
     start, config = time.time(), with_file(config)   # the settings of `config.config` for those left at their default
     config, ckpt = resumed(config) if config.resume else (config, None)
     set_seed(config.seed)
-    config, encoder, data, augs, reasons = _prepare(config)
+    init = read_init(config.init) if config.init else None
+    config, encoder, data, augs, reasons = _prepare(config, init)
     out = _output_folder(config)   # once the data is checked: no empty folder after a mistake
     _announce(config, encoder, data, reasons)
     knn_random = _knn_before(encoder, data, augs, ckpt)
     settings = dict(config.as_dict(), auto=reasons, world_size=world_rank()[0], knn_top1_random=knn_random)
     if is_main_process(): (out / RUN_FILES["settings"]).write_text(json.dumps(settings, indent=1, default=str))
-    learn = _learner(config, encoder, data, augs, out, settings)
+    learn = _learner(config, encoder, data, augs, out, settings, init)
     save = partial(_save_models, learn, out, _model_meta(config, data))
     _fit(learn, config, _start(learn, ckpt, out, config.epochs), out, save)
     _recalibrate(encoder, data, augs)
@@ -379,4 +392,5 @@ def pretrain(
     save()
     res = PretrainResult(out, settings, data.as_dict(), knn_random, knn, _epochs(out / RUN_FILES["history"]), round(time.time() - start, 1))
     _write_results(learn, res, ckpt is not None)
+    _export(out)
     return res

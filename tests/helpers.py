@@ -6,6 +6,7 @@
   same heads on a randomly initialised resnet10t (spatial feature maps, as the commands build);
 * `tiny_pipelines`: multi-crop pipelines without colour or blur (gray digits), 2 large + 2 small crops;
 * `digits_dls`, `digits_folder`: the scikit-learn digits as in-memory `DataLoaders` or as a folder of PNGs;
+* `official_swav_state`: random weights in the layout of the official SwAV release (facebookresearch/swav), any ResNet;
 * `Interrupt` / `KeepAt`: stop a fit at the start of an epoch / keep something of the learner when an epoch's training begins;
 * `on_checkpoint`, `run_main`, `child_env`: act right after a run's checkpoint of an epoch is written (raise, or signal the
   process itself); call a command's `main(argv)` here (exit status, stderr); the environment of a child Python process.
@@ -139,3 +140,13 @@ def child_env(**env: str) -> dict:
     "The environment of a child Python process: as many torch threads as here (the same float rounding), `tests/` importable"
     path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
     return os.environ | dict(OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=path) | env
+
+
+def official_swav_state(arch: str = "resnet18", hidden: int = 64, proj: int = 16, n_protos: int = 30) -> dict:
+    "Random weights laid out as the official SwAV checkpoints: torchvision ResNet keys and `projection_head.{0,1,3}`, `prototypes`, all prefixed `module.`"
+    import torchvision
+    tv = getattr(torchvision.models, arch)()
+    head = nn.Sequential(nn.Linear(tv.fc.in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, proj))
+    sd = {f"module.{k}": v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    sd.update({f"module.projection_head.{k}": v for k, v in head.state_dict().items()})
+    return {**sd, "module.prototypes.weight": torch.randn(n_protos, proj)}
