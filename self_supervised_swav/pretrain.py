@@ -34,7 +34,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.modelfile import save_encoder, save_swav_model
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     from self_supervised_swav.plots import plot_run, run_history
-    from self_supervised_swav.progress import use_line_progress
+    from self_supervised_swav.progress import DataWait, use_line_progress
     from self_supervised_swav.recipe import swav_opt_func
     from self_supervised_swav.distributed import is_main_process, swav_distrib_ctx, world_rank
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
@@ -201,7 +201,7 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
     "SWAV, the monitors, the CSV log and the checkpoint"
     cbs = [SWAV(augs, crop_assgn_ids=[0, 1], K=config.K or None, queue_start_pct=config.queue_start_pct, temp=config.temp, eps=config.eps,
                 freeze_protos_iters=config.freeze_protos_iters),
-           PrototypeUsageMonitor(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
+           PrototypeUsageMonitor(), DataWait(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
            RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(_subset_dl(data.dls.train, 5000, 1), _subset_dl(data.dls.valid, 1000, 1), recalibrate_bn=True))

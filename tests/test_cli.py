@@ -45,7 +45,7 @@ def digits_run(tmp_path_factory):
 
 def test_embedded_default_end_to_end(digits_run):
     res, out = digits_run
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "crops.png", "encoder.pth", "history.csv", "knn.png", "loss.png", "lr.png", "prototypes.png",
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "crops.png", "data.png", "encoder.pth", "history.csv", "knn.png", "loss.png", "lr.png", "prototypes.png",
                                        "settings.json", "swav_model.pth", "swav_pretrain.json"]
     assert all((out / f).stat().st_size > 0 for f in os.listdir(out))
     saved = json.loads((out / "swav_pretrain.json").read_text())
