@@ -157,7 +157,7 @@ def train_part(a, files: list[Path]) -> list[dict]:
 
 def main(argv: list[str] | None = None):
     a = args_parser().parse_args(argv)
-    if a.tiny: a.rounds, a.steps, a.sizes, a.train_sizes, a.threads, a.workers, a.bs, a.chunk, a.n_images = 1, 1, [24], [16], [1], [0], 4, 2, 12
+    if a.tiny: a.rounds, a.steps, a.sizes, a.train_sizes, a.threads, a.workers, a.bs, a.chunk, a.n_images = 1, 1, [24], [16], [1], [], 4, 2, 12
     parts, rows = a.parts.split(","), []
     with tempfile.TemporaryDirectory() as tmp:
         if a.tiny: files = synthetic_jpegs(Path(tmp))
