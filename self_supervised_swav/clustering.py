@@ -102,6 +102,7 @@ class ClusterConfig:
     convert: bool = False            # Convert colour images to gray for a 1-channel model
     bs: int = 64                     # Batch size
     workers: int = 0                 # DataLoader worker processes
+    max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit
     device: str | None = None        # torch device; default: cuda if available
     rows: int = 8                    # Prototypes in the gallery (the largest)
     cols: int = 8                    # Images per prototype in the gallery
@@ -117,6 +118,7 @@ class ClusterConfig:
         for name in ("bs", "rows", "cols"): check_positive(name, getattr(self, name), integer=True)
         if self.size is not None: check_positive("size", self.size, integer=True)
         check_nonnegative("workers", self.workers, integer=True)
+        if self.max_pixels is not None: check_positive("max_pixels", self.max_pixels, integer=True)
         check_choice("feature_map", self.feature_map, ["pca", "tsne"])
         try: self.device is None or torch.device(self.device)
         except (RuntimeError, TypeError) as e: raise SettingError("device", f"device must be a torch device such as cpu or cuda:0, got {self.device!r} ({e})") from None
@@ -129,7 +131,7 @@ def _scan(path: str) -> tuple[list[Path], list[str]]:
 
 def _embed(net: nn.Module, meta: dict, files: list[Path], config: ClusterConfig, n_in: int, size: int) -> Tensor:
     "Embeddings [N, D] of the images, in order; an image that cannot be decoded stops with its name"
-    dl = DataLoader(ImageFiles(files, size, n_in), batch_size=config.bs, num_workers=config.workers)
+    dl = DataLoader(ImageFiles(files, size, n_in, config.max_pixels), batch_size=config.bs, num_workers=config.workers)
     with image_errors(): return embed_images(net, dl, tfm=_normalizer(meta.get("stats")), progress=config.progress)[0]
 
 def _summary(config: ClusterConfig, files: list[Path], res: PrototypeAssignments, stats: ClusterStats, written: list, **more) -> dict:

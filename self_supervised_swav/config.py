@@ -56,7 +56,8 @@ class PretrainConfig:
     gray: bool = False               # Convert folder images to one channel instead of RGB
     rgb: bool = False                # Use the embedded digits as 3-channel images
     max_images: int | None = None    # Use only the first max_images images (quick tries)
-    workers: int | None = None       # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
+    workers: int | None = None       # DataLoader worker processes for a folder; default: one per core (at most 8), one core left to the model without a GPU
+    max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit (about 89 million)
     output: str = "swav_output"      # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42                   # Random seed (split, initialisation, augmentations)
     fp16: bool = False               # Mixed precision training in float16 (needs a CUDA GPU)
@@ -109,6 +110,7 @@ def _numbers(c: PretrainConfig):
     for name in ("size", "max_images"):
         if getattr(c, name) is not None: check_positive(name, getattr(c, name), integer=True)
     if c.workers is not None: check_nonnegative("workers", c.workers, integer=True)
+    if c.max_pixels is not None: check_positive("max_pixels", c.max_pixels, integer=True)
     if c.n_protos != "auto": check_positive("n_protos", c.n_protos, integer=True, minimum=2)
     for name in ("freeze_protos_iters", "K", "warmup_epochs"):
         if getattr(c, name) != "auto": check_nonnegative(name, getattr(c, name), integer=True)

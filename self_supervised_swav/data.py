@@ -7,6 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+import os
 import warnings
 
 import numpy as np
@@ -14,21 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the commands' output clean
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
     from fastai.data.core import DataLoaders
     from fastai.data.transforms import IntToFloatTensor, RandomSplitter, get_image_files
     from fastai.losses import CrossEntropyLossFlat
-    from fastai.vision.augment import Resize, ResizeMethod
     from fastai.vision.core import PILImage, PILImageBW, imagenet_stats
 
 from .checks import SettingError
 
 # %% auto #0
-__all__ = ['GRAY_STATS', 'digits_images', 'ImageTensorDataset', 'image_tensor_dls', 'image_header', 'folder_images',
-           'image_files', 'folder_labels', 'open_image', 'image_error', 'image_errors', 'folder_dls', 'embedded_dls',
+__all__ = ['TOO_LARGE', 'GRAY_STATS', 'digits_images', 'ImageTensorDataset', 'image_tensor_dls', 'image_header', 'folder_images',
+           'image_files', 'folder_labels', 'decode_image', 'open_image', 'image_error', 'image_setting_error',
+           'image_errors', 'usable_cores', 'default_workers', 'loader_kwargs', 'folder_dls', 'embedded_dls',
            'ImageFiles']
 
 # %% ../nbs/05_data.ipynb #c005
@@ -73,10 +74,21 @@ def image_tensor_dls(
     return DataLoaders.from_dsets(sub(t), sub(v), bs=bs, device=device, **kwargs)
 
 # %% ../nbs/05_data.ipynb #d101
+@contextmanager
+def _unlimited_pixels():
+    "PIL's decompression-bomb check off while a header is read (`decode_image` checks the size itself, after draft mode)"
+    old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None   # one process (each DataLoader worker is its own)
+    try: yield
+    finally: Image.MAX_IMAGE_PIXELS = old
+
+def _open_unlimited(f) -> Image.Image:
+    "`Image.open(f)` whatever the image's size (only the header is read; `decode_image` checks the size)"
+    with _unlimited_pixels(): return Image.open(f)
+
 def image_header(f: Path) -> tuple[int, int, str]:
     "(width, height, mode) of an image file from its header; `SettingError` for `path` naming a file PIL cannot open"
     try:
-        with Image.open(f) as im: return (*im.size, im.mode)
+        with _open_unlimited(f) as im: return (*im.size, im.mode)
     except (UnidentifiedImageError, OSError) as e:
         raise SettingError("path", f"cannot read image {str(f)!r}: {type(e).__name__}: {e}") from None
 
@@ -112,29 +124,79 @@ def folder_labels(
     labels = [p[0] for p in parts]
     return labels if len(set(labels)) >= 2 else None
 
+# %% ../nbs/05_data.ipynb #e101
+TOO_LARGE = "max_pixels: image "   # how the error of an image over the pixel limit starts (it names `--max_pixels`)
+
+def _too_large(fn, full: tuple[int, int], limit: int) -> OSError:
+    w, h = full
+    return OSError(f"{TOO_LARGE}{str(fn)!r} is {w}x{h} px ({w * h} pixels), over the limit of {limit} pixels: "
+                   f"pass --max_pixels {w * h} (or more) to decode it, or remove the file")
+
+def decode_image(
+    fn: str | Path,                # Image file
+    size: int | None = None,       # Side of the (square, squished) result in px; None: the image's own size
+    mode: str = "RGB",             # PIL mode of the result ("RGB", or "L" for gray)
+    max_pixels: int | None = None, # Largest width x height decoded (after JPEG draft mode); None: PIL's `Image.MAX_IMAGE_PIXELS`
+) -> Image.Image:
+    "The image of `fn`, upright (EXIF orientation), in `mode`, squished to `size` px; JPEGs decoded at the smallest DCT scale that covers `size`"
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with _open_unlimited(fn) as im:
+            full = im.size
+            if size is not None and im.format == "JPEG": im.draft(mode, (size, size))   # 1/2, 1/4 or 1/8, both sides >= size
+            too_large = bool(limit) and im.width * im.height > limit
+            if not too_large:
+                ImageOps.exif_transpose(im, in_place=True)   # decodes; a no-op without an orientation tag
+                if im.mode != mode: im = im.convert(mode)
+                out = im.resize((size, size), Image.BILINEAR) if size is not None else im.copy()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read image {str(fn)!r}: {type(e).__name__}: {e}") from None
+    if too_large: raise _too_large(fn, full, limit)
+    return out
+
 # %% ../nbs/05_data.ipynb #d108
-def open_image(fn, cls=PILImage):
-    "`cls.create(fn)`, with the file name in the error of an image that cannot be decoded"
-    try: return cls.create(fn)
-    except OSError as e: raise OSError(f"cannot read image {str(fn)!r}: {e}") from e
+def open_image(fn, cls=PILImage, size: int | None = None, max_pixels: int | None = None):
+    "`decode_image(fn, size, ...)` as a `cls` (fastai's `PILImage` or `PILImageBW`), with the file name in the error of an image that cannot be decoded"
+    return cls(decode_image(fn, size, cls._open_args["mode"], max_pixels))
 
 def image_error(e: BaseException) -> str | None:
-    "The message of `open_image`'s error (raised in a DataLoader worker too), if `e` is one"
+    "The message of `decode_image`'s error (raised in a DataLoader worker too), if `e` is one"
     msg = str(e).strip().splitlines()[-1].removeprefix("OSError: ") if isinstance(e, OSError) else ""
-    return msg if msg.startswith("cannot read image") else None
+    return msg if msg.startswith(("cannot read image", TOO_LARGE)) else None
+
+def image_setting_error(e: BaseException) -> SettingError | None:
+    "The `SettingError` of `decode_image`'s error: for `max_pixels` if the image is over the pixel limit, else for `path`"
+    msg = image_error(e)
+    return None if msg is None else SettingError("max_pixels" if msg.startswith(TOO_LARGE) else "path", msg)
 
 @contextmanager
 def image_errors():
-    "Inside: an unreadable image comes out as a `SettingError` for `path`; any other error is left alone"
+    "Inside: an unreadable image comes out as a `SettingError` for `path` (`max_pixels` for one too large); any other error is left alone"
     try: yield
     except OSError as e:
         if image_error(e) is None: raise
-        raise SettingError("path", image_error(e)) from None
+        raise image_setting_error(e) from None
 
 # %% ../nbs/05_data.ipynb #d111
 GRAY_STATS = ([sum(imagenet_stats[0]) / 3], [sum(imagenet_stats[1]) / 3])   # ImageNet statistics, averaged over channels
 
 def _no_label(o) -> str: return "none"
+
+def usable_cores() -> int:
+    "CPU cores this process may run on, shared by the processes of a node (`LOCAL_WORLD_SIZE` under torchrun)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+def default_workers(cuda: bool | None = None) -> int:
+    "DataLoader workers for a folder of files: one per usable core, at most 8; on a CPU-only machine one core is left to the model"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return min(8, usable_cores() if cuda else usable_cores() - 1)
+
+def loader_kwargs(num_workers: int | None = None, cuda: bool | None = None) -> dict:
+    "`num_workers` (None: `default_workers`), and on a GPU pinned memory and workers kept between epochs"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    n = default_workers(cuda) if num_workers is None else num_workers
+    return dict(num_workers=n, pin_memory=cuda, persistent_workers=cuda and n > 0)
 
 def folder_dls(
     path: str | Path,          # Root folder
@@ -145,17 +207,16 @@ def folder_dls(
     valid_pct: float = 0.2,    # Fraction held out for validation (the kNN queries)
     seed: int = 0,             # Seed of the split
     gray: bool = False,        # One-channel images instead of RGB
-    num_workers: int | None = None, # DataLoader workers; None: fastai's default
+    num_workers: int | None = None, # DataLoader workers; None: `default_workers()`
+    max_pixels: int | None = None,  # `decode_image`'s pixel limit; None: PIL's
 ) -> DataLoaders:
-    "`DataLoaders` over the images of a folder, resized to `size` px"
+    "`DataLoaders` over the images of a folder, decoded by `decode_image` at `size` px"
     label_of = dict(zip(map(str, files), labels)) if labels is not None else None
-    image_block = TransformBlock(type_tfms=partial(open_image, cls=PILImageBW if gray else PILImage), batch_tfms=IntToFloatTensor)
-    block = DataBlock(blocks=(image_block, CategoryBlock),
+    decode = partial(open_image, cls=PILImageBW if gray else PILImage, size=size, max_pixels=max_pixels)
+    block = DataBlock(blocks=(TransformBlock(type_tfms=decode, batch_tfms=IntToFloatTensor), CategoryBlock),
                       get_y=(lambda f: label_of[str(f)]) if label_of else _no_label,
-                      splitter=RandomSplitter(valid_pct, seed=seed),
-                      item_tfms=Resize(size, method=ResizeMethod.Squish))
-    kw = {} if num_workers is None else dict(num_workers=num_workers)
-    return block.dataloaders(list(files), bs=bs, **kw)
+                      splitter=RandomSplitter(valid_pct, seed=seed))
+    return block.dataloaders(list(files), bs=bs, **loader_kwargs(num_workers))
 
 def embedded_dls(
     size: int,               # Side of the images in px
@@ -172,13 +233,11 @@ def embedded_dls(
 
 # %% ../nbs/05_data.ipynb #d115
 class ImageFiles(Dataset):
-    "Image files as tensors [n_in, size, size] in [0, 1] (squished like `folder_dls`), with their index"
-    def __init__(self, files: list[Path], size: int, n_in: int): self.files, self.size, self.n_in = files, size, n_in
+    "Image files as tensors [n_in, size, size] in [0, 1] (decoded like `folder_dls`), with their index"
+    def __init__(self, files: list[Path], size: int, n_in: int, max_pixels: int | None = None):
+        self.files, self.size, self.n_in, self.max_pixels = files, size, n_in, max_pixels
     def __len__(self): return len(self.files)
     def __getitem__(self, i):
-        try:
-            with Image.open(self.files[i]) as im:
-                im = im.convert("L" if self.n_in == 1 else "RGB").resize((self.size, self.size), Image.BILINEAR)
-        except (OSError, ValueError, SyntaxError) as e: raise OSError(f"cannot read image {str(self.files[i])!r}: {e}") from None
+        im = decode_image(self.files[i], self.size, "L" if self.n_in == 1 else "RGB", self.max_pixels)
         x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.)
         return (x[None] if x.ndim == 2 else x.permute(2, 0, 1)).contiguous(), i

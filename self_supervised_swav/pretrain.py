@@ -27,7 +27,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
     from self_supervised_swav.checks import SettingError, first_line
     from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto, with_file
-    from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files
+    from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
     from self_supervised_swav.resume import TrainedEpochs
@@ -35,7 +35,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.export import export_run
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     from self_supervised_swav.plots import plot_run, run_history
-    from self_supervised_swav.progress import use_line_progress
+    from self_supervised_swav.progress import DataWait, use_line_progress
     from self_supervised_swav.recipe import swav_opt_func
     from self_supervised_swav.distributed import is_main_process, swav_distrib_ctx, world_rank
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
@@ -120,7 +120,8 @@ def _load_data(config: PretrainConfig) -> Data:
                            "short side): pass smaller --crop_sizes, --size to resize every image, or remove the small images")
     labels = folder_labels(config.path, files)
     with image_errors():   # fastai opens a first image to set the loaders up
-        dls = folder_dls(config.path, files, labels, size, config.bs, config.valid_pct, config.seed, gray=config.gray, num_workers=config.workers)
+        dls = folder_dls(config.path, files, labels, size, config.bs, config.valid_pct, config.seed, gray=config.gray, num_workers=config.workers,
+                         max_pixels=config.max_pixels)
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return _check_batch(config, Data(dls, labels is not None, f"folder {str(config.path)!r}, {what}, resized to {size} px", n_in))
 
@@ -201,7 +202,7 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
     "SWAV, the monitors, the CSV log and the checkpoint"
     cbs = [SWAV(augs, crop_assgn_ids=[0, 1], K=config.K or None, queue_start_pct=config.queue_start_pct, temp=config.temp, eps=config.eps,
                 freeze_protos_iters=config.freeze_protos_iters),
-           PrototypeUsageMonitor(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
+           PrototypeUsageMonitor(), DataWait(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
            RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(_subset_dl(data.dls.train, 5000, 1), _subset_dl(data.dls.valid, 1000, 1), recalibrate_bn=True))
@@ -254,7 +255,7 @@ def _fit(learn: Learner, config: PretrainConfig, start_epoch: int, out: Path, sa
         save()
         raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
     except Exception as e:
-        if image_error(e) and not (out / RUN_FILES["checkpoint"]).exists(): raise SettingError("path", image_error(e)) from None
+        if image_error(e) and not (out / RUN_FILES["checkpoint"]).exists(): raise image_setting_error(e) from None
         save()
         why = image_error(e) or f"{type(e).__name__}: {_own_line(e)}"
         raise RunStopped("error: " + _stopped(out, f"training stopped ({why})", learn), 1) from None

@@ -53,3 +53,13 @@ def pytest_configure(config):
     for w in ("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning:torch.*"):
         config.addinivalue_line("filterwarnings", w)
     config.addinivalue_line("filterwarnings", "ignore:.*mode.chained_assignment.*")
+
+
+@pytest.fixture(scope="session")
+def photographs():
+    "Real photographs of mixed sizes: the distinct JPEGs of Debian's plasma-workspace-wallpapers (skipped when not installed)"
+    from pathlib import Path
+    folder = Path("/usr/share/wallpapers")
+    files = sorted({f.resolve() for f in folder.rglob("*.jpg")}) if folder.is_dir() else []
+    if not files: pytest.skip("no photographs: apt-get install -y plasma-workspace-wallpapers")
+    return files

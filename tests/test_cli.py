@@ -46,8 +46,8 @@ def digits_run(tmp_path_factory):
 def test_embedded_default_end_to_end(digits_run):
     res, out = digits_run
     exported = ["timm"] + (["encoder.onnx"] if importlib.util.find_spec("onnx") else [])   # resnet10t: no torchvision export
-    assert sorted(os.listdir(out)) == sorted(["checkpoint.pth", "crops.png", "encoder.pth", "history.csv", "knn.png", "loss.png", "lr.png", "prototypes.png",
-                                              "settings.json", "swav_model.pth", "swav_pretrain.json"] + exported)
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.pth", "crops.png", "data.png", "encoder.pth", "history.csv", "knn.png", "loss.png", "lr.png",
+                                              "prototypes.png", "settings.json", "swav_model.pth", "swav_pretrain.json"] + exported)
     assert all((out / f).stat().st_size > 0 for f in os.listdir(out))
     saved = json.loads((out / "swav_pretrain.json").read_text())
     assert saved["data"] == dict(description="scikit-learn digits (embedded), 10 classes, 16 px", n_train=192, n_valid=48, n_in=1, labelled=True)
@@ -100,11 +100,14 @@ def bad_inputs(root: Path) -> list:
     make_folder(root / "truncated", classes=None, n=4, sizes=((40, 40),))
     png = (root / "truncated" / "3.png").read_bytes()
     (root / "truncated" / "3.png").write_bytes(png[:len(png) // 3])
+    make_folder(root / "huge", classes=None, n=4, sizes=((40, 40), (40, 40), (40, 40), (300, 200)))   # one image over --max_pixels
     return [
         (["--path", str(root / "missing")], "does not exist"),
         (["--path", str(root / "empty")], "no images in"),
         (["--path", str(root / "broken")], "cannot read image"),
         (["--path", str(root / "truncated"), "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"], "cannot read image"),
+        (["--path", str(root / "huge"), "--max_pixels", "10000", "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"],
+         f"--max_pixels: image {str(root / 'huge' / '3.png')!r} is 300x200 px"),
         (["--path", str(root / "small")], "crop size 24 px is larger than the smallest image"),
         (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
@@ -123,7 +126,7 @@ def as_kwargs(args: list) -> dict:
     for a in args:
         if a.startswith("--"): key = a[2:]; kw[key] = []
         else: kw[key].append(a)
-    conv = dict(size=int, bs=int, n_protos=int, K=int, max_images=int, workers=int, eps=float, jitter_s=float, crop_sizes=lambda v: [int(x) for x in v])
+    conv = dict(size=int, bs=int, n_protos=int, K=int, max_images=int, workers=int, max_pixels=int, eps=float, jitter_s=float, crop_sizes=lambda v: [int(x) for x in v])
     return {k: True if not v else conv[k](v) if k == "crop_sizes" else conv.get(k, str)(v[0]) for k, v in kw.items()}
 
 
