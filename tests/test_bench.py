@@ -191,3 +191,8 @@ def test_semi_supervised_finetune():
     acc = ss.finetune(enc, x, y, x, y, 10, args, seed=0)
     assert 0 <= acc <= 1
     assert acc >= 0.9   # chance is 0.5: fine-tuning learns
+
+
+def test_bench_cache(run_main):
+    rows = dict(table_rows(run_main("bench_cache.py", lightly_rows=False)))
+    assert rows["images (training)"] == "10" and float(rows["epoch time, cache / decode (paired)"]) > 0
