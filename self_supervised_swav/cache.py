@@ -89,7 +89,7 @@ def _prefix(root, size: int, n_in: int) -> str:
     return f"{root.name or 'root'}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}-{size}px-{n_in}ch"
 
 # %% ../nbs/05c_cache.ipynb #k016
-def _gb(n: float) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+def _gb(n: float) -> str: return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
 
 def check_free_space(
     folder: Path,      # Where the cache is written
@@ -102,6 +102,19 @@ def check_free_space(
                                     f"{_gb(n_bytes - free)} there, pass --cache DIR on another disk, or drop --cache")
 
 # %% ../nbs/05c_cache.ipynb #k018
+def _siblings(dest: Path, kind: str) -> list[Path]:
+    "The caches (`kind` '.npy') or temporary files ('.npy.tmp-') of `dest`'s folder, size and channels, any fingerprint"
+    prefix = dest.name.rsplit("-", 1)[0] + "-"
+    return [p for p in dest.parent.iterdir() if p.name.startswith(prefix) and p.name[len(prefix) + 20:].startswith(kind)
+            and (kind != ".npy" or p.name.endswith(".npy"))]
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
 class _Decoded(Dataset):
     "The files decoded by `decode_resized`, as uint8 tensors (a DataLoader's workers decode them in parallel)"
     def __init__(self, files, size, n_in): self.files, self.size, self.n_in = files, size, n_in
@@ -129,6 +142,8 @@ def build_image_cache(
 ) -> Path:
     "Decode every file once into the uint8 array file `dest` `[n, n_in, size, size]`, written under a temporary name and renamed when complete"
     shape = (len(files), n_in, size, size)
+    for old in _siblings(dest, ".npy.tmp-"):   # left by a killed build on this machine
+        if old.name.rsplit("-", 2)[1] == socket.gethostname() and not _alive(int(old.name.rsplit("-", 1)[1])): old.unlink(missing_ok=True)
     check_free_space(dest.parent, int(np.prod(shape)) + 4096)
     tmp = dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     dl = DataLoader(_Decoded(files, size, n_in), batch_size=64, num_workers=defaults.cpus if num_workers is None else num_workers)
@@ -138,11 +153,11 @@ def build_image_cache(
         out.flush(); del out
         os.replace(tmp, dest)   # atomic: a cache file is complete or absent
     finally: tmp.unlink(missing_ok=True)
-    for old in dest.parent.glob(dest.name.rsplit("-", 1)[0] + "-*.npy"):   # earlier caches of this folder, size and channels
+    for old in _siblings(dest, ".npy"):   # earlier caches of this folder, size and channels
         if old != dest: old.unlink(missing_ok=True)
     return dest
 
-# %% ../nbs/05c_cache.ipynb #k022
+# %% ../nbs/05c_cache.ipynb #k024
 def _local_rank() -> int:
     "This process's rank on its machine: torchrun's `LOCAL_RANK`, else `RANK` (one machine), else 0"
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
@@ -169,7 +184,7 @@ def image_cache(
     while not dest.exists(): time.sleep(poll)   # torchrun stops this process if local rank 0 fails
     return dest
 
-# %% ../nbs/05c_cache.ipynb #k024
+# %% ../nbs/05c_cache.ipynb #k026
 class CachedImages:
     "The images of a cache file by row: `images(i)` is image `i` as a uint8 `TensorImage` `[C, size, size]`, read from the memory map"
     def __init__(self, file: str | Path):

@@ -65,7 +65,7 @@ def test_full_disk_is_one_line(tmp_path, digits, monkeypatch):
     monkeypatch.setattr(cache.shutil, "disk_usage", lambda p: type("Usage", (), dict(free=1000))())
     code, err = run_main(main, "--path", folder, "--cache", tmp_path / "cache", "--size", 16, "--crop_sizes", 16, 8, "--output", tmp_path / "run")
     assert code == 2 and err.count("\n") == 1, err
-    assert "--cache: the images need 0.0 MB decoded" in err and "1000" not in err and "free" in err, err   # 40 x 16 x 16 bytes
+    assert "--cache: the images need 35 kB decoded" in err and "has 1 kB free" in err, err   # 40 x 3 x 16 x 16 bytes and a header
     assert not (tmp_path / "run").exists() and list((tmp_path / "cache").iterdir()) == []
 
 
