@@ -66,6 +66,7 @@ def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]
     if getattr(hint, "__origin__", None) is list: return flags, dict(kw, type=hint.__args__[0], nargs="+")
     if default == "auto": return flags, dict(kw, type=_auto_arg(name, AUTO[name]))
     args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]   # `int | None` and the like
+    if set(args) == {str, bool}: return flags, dict(kw, type=str, nargs="?", const=True)   # `--cache` alone: True; `--cache DIR`
     return flags, dict(kw, type=args[0])
 
 def config_parser(

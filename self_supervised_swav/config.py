@@ -56,6 +56,7 @@ class PretrainConfig:
     gray: bool = False               # Convert folder images to one channel instead of RGB
     rgb: bool = False                # Use the embedded digits as 3-channel images
     max_images: int | None = None    # Use only the first max_images images (quick tries)
+    cache: str | bool = False        # Decode and resize the --path images once into a file that every epoch and later run reads: --cache alone keeps it in ~/.cache/self_supervised_swav ($XDG_CACHE_HOME), --cache DIR in DIR
     workers: int | None = None       # DataLoader worker processes for a folder; default: one per core (at most 8), one core left to the model without a GPU
     max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit (about 89 million)
     output: str = "swav_output"      # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
@@ -130,6 +131,8 @@ def _choices(c: PretrainConfig):
     for name in ("path", "config", "resume", "arch_kwargs", "init"):
         v = getattr(c, name)
         if v is not None and not (isinstance(v, str) and v): raise SettingError(name, f"{name} must be a non-empty string, got {v!r}")
+    if not (isinstance(c.cache, bool) or (isinstance(c.cache, str) and c.cache)):
+        raise SettingError("cache", f"cache must be true, false or a folder, got {c.cache!r}")
     for name in ("arch", "output"):
         if not (isinstance(getattr(c, name), str) and getattr(c, name)): raise SettingError(name, f"{name} must be a non-empty string, got {getattr(c, name)!r}")
     for f in fields(c):
@@ -156,6 +159,8 @@ def _together(c: PretrainConfig):
         raise SettingError("warmup_epochs", f"warmup_epochs {c.warmup_epochs} must be below --epochs {c.epochs}: the cosine part of the schedule needs epochs too")
     for name in ("fp16", "bf16"):
         if getattr(c, name) and not torch.cuda.is_available(): raise SettingError(name, f"{name} needs a CUDA GPU, and none is available")
+    if c.cache and c.path is None:
+        raise SettingError("cache", "cache decodes the images of --path once; the embedded digits are already in memory: pass --path or drop --cache")
     if c.fp16 and c.bf16: raise SettingError("bf16", "fp16 and --bf16 exclude each other: pass one of them")
     for name in ("tensorboard", "wandb"):
         if getattr(c, name) and importlib.util.find_spec(name) is None:

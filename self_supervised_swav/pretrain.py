@@ -27,6 +27,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
     from self_supervised_swav.checks import SettingError, first_line
     from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto, with_file
+    from self_supervised_swav.cache import cached_folder_dls
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
@@ -119,9 +120,10 @@ def _load_data(config: PretrainConfig) -> Data:
         raise SettingError("crop_sizes", f"crop size {max(config.crop_sizes)} px is larger than the smallest image ({smallest}, {short} px on its "
                            "short side): pass smaller --crop_sizes, --size to resize every image, or remove the small images")
     labels = folder_labels(config.path, files)
-    with image_errors():   # fastai opens a first image to set the loaders up
-        dls = folder_dls(config.path, files, labels, size, config.bs, config.valid_pct, config.seed, gray=config.gray, num_workers=config.workers,
-                         max_pixels=config.max_pixels)
+    load = partial(cached_folder_dls, cache=config.cache) if config.cache else folder_dls   # the same loaders, decoded once (`cache`)
+    with image_errors():   # fastai opens a first image to set the loaders up; a cache build decodes them all
+        dls = load(config.path, files, labels, size, config.bs, config.valid_pct, config.seed, gray=config.gray, num_workers=config.workers,
+                   max_pixels=config.max_pixels)
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return _check_batch(config, Data(dls, labels is not None, f"folder {str(config.path)!r}, {what}, resized to {size} px", n_in))
 

@@ -200,3 +200,8 @@ def test_bench_decode(run_main):
     assert [r[1] for r in decode] == ["full", "draft"] and all(float(r[2]) > 0 for r in decode)
     assert [r[2] for r in train][0] == "memory" and train[1][2].startswith("folder, default (") and len(train) == 2
     assert all(float(r[3]) > 0 and 0 <= float(r[4]) <= 100 and float(r[5]) > 0 for r in train)
+
+
+def test_bench_cache(run_main):
+    rows = dict(table_rows(run_main("bench_cache.py", lightly_rows=False)))
+    assert rows["images (training)"] == "10" and float(rows["epoch time, cache / decode (paired)"]) > 0
