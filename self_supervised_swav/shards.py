@@ -23,6 +23,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastai.callback.core import Callback
     from fastai.data.core import DataLoaders, TfmdDL
     from fastai.data.transforms import IntToFloatTensor
+    from fastai.losses import CrossEntropyLossFlat
     from fastai.torch_core import TensorCategory, TensorImage, default_device
     from fastai.vision.augment import Resize, ResizeMethod
     from fastai.vision.core import PILImage, PILImageBW, image2tensor
@@ -219,6 +220,7 @@ class ShardSamples(IterableDataset):
         self.files, self.size, self.bs, self.epoch_samples, self.valid_pct, self.gray = list(files), size, bs, epoch_samples, valid_pct, gray
         self.keys, self.vocab, self.seed, self.rank, self.world, self.buffer, self.epoch = keys, vocab, seed, rank, world, buffer, 0
         self.n = len(keys) if keys is not None else epoch_samples // (bs * world) * bs   # samples of this process per epoch
+        self.loss_func = CrossEntropyLossFlat()   # lets `Learner` infer a loss, as `ImageTensorDataset` does (SWAV uses its own)
 
     def __len__(self): return len(self.keys) if self.keys is not None else self.epoch_samples
     def set_epoch(self, epoch: int): self.epoch = epoch
@@ -278,7 +280,9 @@ class ShardDL(DistributedDL):
     def before_iter(self): TfmdDL.before_iter(self)
     def after_iter(self): TfmdDL.after_iter(self)
     def create_batches(self, samps): return TfmdDL.create_batches(self, samps)
-    def to_detach(self, b, cpu=True, gather=True): return TfmdDL.to_detach(self, b, cpu, gather)
+    def new(self, dataset: ShardSamples | None = None, cls=None, **kwargs):
+        "A loader of the same stream: it has its own order, and no partial batch to drop"
+        return ShardDL(self.dataset if dataset is None else dataset, num_workers=self.fake_l.num_workers, device=self.device)
 
 class ShardEpochs(Callback):
     "Set the epoch of a training `ShardSamples` before each epoch's training: its order of shards and samples"
