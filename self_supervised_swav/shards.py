@@ -263,7 +263,8 @@ def _read(self: ShardSamples, files: list[Path]) -> Iterator[dict]:
         try:
             with open(f, "rb") as stream: yield from tarit.group_by_keys(tarit.tar_file_expander([dict(url=str(f), stream=stream)]))
         except (tarfile.TarError, EOFError, ValueError) as e:
-            raise OSError(f"cannot read image: shard {str(f)!r} is corrupt ({type(e).__name__}: {first_line(e)})") from None
+            why = str(e.args[0]) if e.args else ""   # webdataset appends the stream and the url to the arguments
+            raise OSError(f"cannot read image: shard {str(f)!r} is corrupt ({type(e).__name__}: {why})") from None
 
 # %% ../nbs/05d_shards.ipynb #s027
 class ShardDL(DistributedDL):
