@@ -3,8 +3,9 @@ from in one process and in two CPU processes under `torchrun`, resumed, and the 
 
 The rule for steps: each process trains `epoch_samples // (bs * processes)` steps per epoch. With the same `--bs`, two
 processes each do half the steps of one process, so the steps of all processes together equal the one-process run's
-when `epoch_samples` is a multiple of `bs * processes` (here 160 samples, batches of 20: 8 steps in one process, 4 in
-each of two). The steps are read from the model's own iteration counter in the checkpoint (`swav_iters`).
+when `epoch_samples` is a multiple of `bs * processes` (here epochs of 80 samples in batches of 20: 4 steps an epoch in
+one process, 2 in each of two; 8 and 2 x 4 in the two epochs). The steps are read from the model's own iteration
+counter in the checkpoint (`swav_iters`). The one-process run is also the uninterrupted run that a resumed one must equal.
 
 Skipped when the webdataset package is missing (`pip install webdataset`)."""
 from __future__ import annotations
@@ -25,8 +26,8 @@ from self_supervised_swav.checkpoint import Interrupted, read_checkpoint   # noq
 from self_supervised_swav.cli import main, shards_main   # noqa: E402
 from self_supervised_swav.shards import ShardSamples, ShardsConfig, folder_to_shards, held_out, shard_files   # noqa: E402
 
-EPOCH = 160   # samples per epoch: 8 batches of 20 in one process, 4 in each of two
-RUN = ["--size", 16, "--crop_sizes", 16, 8, "--bs", 20, "--n_protos", 10, "--gray", "--workers", 0, "--epoch_samples", EPOCH]
+EPOCH = 80   # samples per epoch: 4 batches of 20 in one process, 2 in each of two
+RUN = ["--size", 16, "--crop_sizes", 16, 8, "--bs", 20, "--n_protos", 10, "--gray", "--workers", 0, "--epoch_samples", EPOCH, "--epochs", 2]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def results(out: Path) -> dict: return json.loads((out / "swav_pretrain.json").r
 @pytest.fixture(scope="module")
 def one_process(spec, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
-    code, err = run_main(main, "--path", spec, *RUN, "--epochs", 1, "--output", out)
+    code, err = run_main(main, "--path", spec, *RUN, "--output", out)
     assert code == 0, err
     return out
 
@@ -68,23 +69,23 @@ def test_conversion_writes_every_image_once(spec):
     assert index["n_samples"] == 200 and sum(index["shards"].values()) == 200 and len(files) == 8
 
 
-def test_one_process_trains_an_epoch_of_samples(one_process):
-    "One process: 160 // 20 = 8 steps; the labels of the shards reach the kNN monitor"
+def test_one_process_trains_epochs_of_samples(one_process):
+    "One process: 80 // 20 = 4 steps an epoch; the labels of the shards reach the kNN monitor"
     res = results(one_process)
-    assert steps(one_process) == EPOCH // 20
+    assert steps(one_process) == 2 * EPOCH // 20
     assert res["data"]["labelled"] and res["data"]["n_train"] == EPOCH and "shards" in res["data"]["description"]
     assert res["epochs"][-1]["knn_top1"] is not None and res["knn_top1_pretrained"] is not None
 
 
 def test_torchrun_two_processes_same_total_steps(spec, one_process, tmp_path):
-    "Two CPU processes under torchrun, from the same shards: 4 steps each, 8 in all, as the one process"
+    "Two CPU processes under torchrun, from the same shards: 2 x 2 steps each, 8 in all, as the one process"
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "self_supervised_swav.cli",
-           "--path", spec, *map(str, RUN), "--epochs", "1", "--output", str(out)]
+           "--path", spec, *map(str, RUN), "--output", str(out)]
     res = subprocess.run(cmd, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("data: shards") == 1 and results(out)["settings"]["world_size"] == 2
-    assert steps(out) == EPOCH // (20 * 2) and 2 * steps(out) == steps(one_process)
+    assert steps(out) == 2 * EPOCH // (20 * 2) and 2 * steps(out) == steps(one_process)
     assert results(out)["epochs"][-1]["knn_top1"] is not None
 
 
@@ -92,17 +93,15 @@ def test_processes_read_their_own_shards(spec):
     "Each of 2 processes x 2 workers reads its own 2 of the 8 shards: no sample twice in an epoch, none held out"
     files, reads = shard_files(spec), []
     for r in range(2):
-        ds = ShardSamples(files, 16, bs=10, epoch_samples=EPOCH, rank=r, world=2, valid_pct=0.2)
+        ds = ShardSamples(files, 16, bs=10, epoch_samples=160, rank=r, world=2, valid_pct=0.2)
         for w in range(2): reads += [s["__key__"] for s in islice(ds.reader_samples(r * 2 + w, 4), 20)]
     assert len(reads) == len(set(reads)) == 80 and not any(held_out(k, 0.2) for k in reads)
 
 
-def test_resume_at_an_epoch_boundary_is_exact(spec, tmp_path):
+def test_resume_at_an_epoch_boundary_is_exact(spec, one_process, tmp_path):
     "Stopped after epoch 1 of 2 and resumed: the same weights as the uninterrupted run (the stream of epoch 2 depends on the epoch alone)"
-    full, part = tmp_path / "full", tmp_path / "part"
-    args = ["--path", spec, *RUN, "--epoch_samples", 80, "--epochs", 2]
-    assert run_main(main, *args, "--output", full)[0] == 0
-    with on_checkpoint(0, Interrupted(signal.SIGTERM)): code, _ = run_main(main, *args, "--output", part)
+    full, part = one_process, tmp_path / "part"
+    with on_checkpoint(0, Interrupted(signal.SIGTERM)): code, _ = run_main(main, "--path", spec, *RUN, "--output", part)
     assert code == 128 + signal.SIGTERM
     code, err = run_main(main, "--resume", part)
     assert code == 0, err
@@ -123,7 +122,7 @@ def test_bad_patterns_and_shards_are_one_line(spec, tmp_path):
     assert "1 of its 9 shards are missing, first" in one_line("--path", str(folder / "train-{0000..0008}.tar"), "--output", tmp_path / "o")
     bad = tmp_path / "bad-0000.tar"
     bad.write_bytes((folder / "train-0000.tar").read_bytes()[:5000])   # cut in the middle of a member
-    assert "--path: " in one_line("--path", str(bad), *RUN, "--epoch_samples", 20, "--output", tmp_path / "o")
+    assert "--path: " in one_line("--path", str(bad), *RUN[:-4], "--epoch_samples", 20, "--output", tmp_path / "o")
     assert one_line("--path", spec, "--max_images", 10, "--output", tmp_path / "o").startswith("swav_pretrain: error: --max_images applies to folders")
     assert not (tmp_path / "o").exists()
 
@@ -132,7 +131,7 @@ def test_sample_without_image_is_one_line(tmp_path):
     import webdataset as wds
     with wds.TarWriter(str(tmp_path / "x-0.tar"), encoder=False) as sink:
         for i in range(30): sink.write({"__key__": f"{i:04d}", "cls": str(i % 2).encode()})
-    err = one_line("--path", str(tmp_path / "x-0.tar"), *RUN, "--epoch_samples", 20, "--output", tmp_path / "o")
+    err = one_line("--path", str(tmp_path / "x-0.tar"), *RUN[:-4], "--epoch_samples", 20, "--output", tmp_path / "o")
     assert "cannot read image" in err and "has no image (.cls)" in err
 
 
