@@ -37,7 +37,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,
-    extras_require={'dev': dev_requirements, 'export': (cfg.get('export_requirements') or '').split()},
+    extras_require={'dev': dev_requirements, 'export': shlex.split(cfg.get('export_requirements', '')), 'shards': shlex.split(cfg.get('shards_requirements', ''))},
     dependency_links=cfg.get('dep_links', '').split(),
     python_requires='>=' + cfg['min_python'],
     long_description=open('README.md', encoding='utf-8').read(),

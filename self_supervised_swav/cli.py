@@ -18,11 +18,12 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.distributed import is_main_process
     from self_supervised_swav.pretrain import RunStopped, pretrain
     from self_supervised_swav.clustering import ClusterConfig, cluster_folder
+    from self_supervised_swav.shards import ShardsConfig, folder_to_shards, index_path
     from self_supervised_swav.export import ExportConfig, export_run
 
 # %% auto #0
 __all__ = ['UsageError', 'flag_message', 'OneLineParser', 'config_parser', 'swav_pretrain', 'pretrain_parser', 'main',
-           'cluster_parser', 'cluster_main', 'export_parser', 'export_main']
+           'cluster_parser', 'cluster_main', 'export_parser', 'export_main', 'shards_parser', 'shards_main']
 
 # %% ../nbs/06_cli.ipynb #c006
 class UsageError(SettingError):
@@ -74,13 +75,15 @@ def config_parser(
     prog: str,                  # The command's name
     description: str,           # What it does, for --help
     aliases: dict | None = None, # More flags of a field: {field: ["--old_name"]}
+    positional: tuple = (),     # Fields given by position, in their order (`swav_shards FOLDER PATTERN`), not as flags
 ) -> OneLineParser:
     "An `argparse` parser with one option per field of `cls`, documented by its comments"
     hints, docs, aliases = get_type_hints(cls), docments(cls), aliases or {}
     p = OneLineParser(prog=prog, description=description)
     for f in fields(cls):
         flags, kw = _option(f.name, hints[f.name], _default(f), docs.get(f.name))
-        p.add_argument(*flags, *aliases.get(f.name, []), dest=f.name, **kw)
+        if f.name in positional: p.add_argument(f.name, metavar=f.name.upper(), **{k: v for k, v in kw.items() if k != "required"})
+        else: p.add_argument(*flags, *aliases.get(f.name, []), dest=f.name, **kw)
     return p
 
 # %% ../nbs/06_cli.ipynb #c011
@@ -134,3 +137,18 @@ def export_main(argv: list[str] | None = None):
     try: done = export_run(ExportConfig(**vars(args)))
     except SettingError as e: _exit("swav_export", f"error: {flag_message(e)}", 2)
     for fmt, path in done.items(): print(f"{fmt}: {path}", flush=True)
+
+# %% ../nbs/06_cli.ipynb #c022
+def shards_parser() -> OneLineParser:
+    "The parser of `swav_shards`, generated from `ShardsConfig`"
+    return config_parser(ShardsConfig, "swav_shards", "Write a folder of images into WebDataset tar shards (the image files as they are, a "
+                         ".cls label from one sub-folder per class) and their JSON index, for swav_pretrain --path", positional=("folder", "pattern"))
+
+def shards_main(argv: list[str] | None = None):
+    "The `swav_shards` command: parse `argv` (default: `sys.argv[1:]`), convert, print how to train; a mistake is one line on stderr and exit status 2"
+    args = shards_parser().parse_args(argv)
+    try: index = folder_to_shards(ShardsConfig(**vars(args)))
+    except SettingError as e: _exit("swav_shards", f"error: {e if e.param in ('folder', 'pattern') else flag_message(e)}", 2)
+    classes = f" of {len(index['classes'])} classes" if index["classes"] else ""
+    print(f"wrote {index['n_samples']} images{classes} in {len(index['shards'])} shards and {index_path(args.pattern)}; "
+          f"train with: swav_pretrain --path '{index['spec']}'", flush=True)

@@ -18,6 +18,7 @@ from .checks import (SettingError, check_choice, check_in_range, check_nonnegati
 from .swav import get_swav_aug_pipelines
 from .recipe import SWAV_OPTS
 from .suggest import suggest_swav_settings
+from .shards import is_shard_spec
 
 # %% auto #0
 __all__ = ['AUTO', 'RUN_KEYS', 'SAME_RUN', 'PretrainConfig', 'auto_number', 'check_config', 'arch_kwargs', 'resolve_auto',
@@ -27,7 +28,7 @@ __all__ = ['AUTO', 'RUN_KEYS', 'SAME_RUN', 'PretrainConfig', 'auto_number', 'che
 @dataclass
 class PretrainConfig:
     "The settings of a SwAV pretraining run, checked when made (`SettingError` naming the field)"
-    path: str | None = None          # Folder of images (searched recursively); default: scikit-learn digits, no download
+    path: str | None = None          # Folder of images (searched recursively), or WebDataset tar shards ('shards/train-{0000..0099}.tar'); default: scikit-learn digits, no download
     arch: str = "resnet10t"          # timm model name or fastai architecture (e.g. resnet18, xresnet18, vit_tiny_patch16_224), randomly initialised
     num_crops: list[int] = field(default_factory=lambda: [2, 2])        # Number of crops of each size
     crop_sizes: list[int] = field(default_factory=lambda: [24, 12])     # Side of the crops in px, per size
@@ -56,6 +57,8 @@ class PretrainConfig:
     gray: bool = False               # Convert folder images to one channel instead of RGB
     rgb: bool = False                # Use the embedded digits as 3-channel images
     max_images: int | None = None    # Use only the first max_images images (quick tries)
+    workers: int | None = None       # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
+    epoch_samples: int | None = None # Samples per epoch with tar shards (all processes together); default: the shards' samples less the held-out share
     cache: str | bool = False        # Decode and resize the --path images once into a file that every epoch and later run reads: --cache alone keeps it in ~/.cache/self_supervised_swav ($XDG_CACHE_HOME), --cache DIR in DIR
     workers: int | None = None       # DataLoader worker processes for a folder; default: one per core (at most 8), one core left to the model without a GPU
     max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit (about 89 million)
@@ -111,6 +114,7 @@ def _numbers(c: PretrainConfig):
     for name in ("size", "max_images"):
         if getattr(c, name) is not None: check_positive(name, getattr(c, name), integer=True)
     if c.workers is not None: check_nonnegative("workers", c.workers, integer=True)
+    if c.epoch_samples is not None: check_positive("epoch_samples", c.epoch_samples, integer=True)
     if c.max_pixels is not None: check_positive("max_pixels", c.max_pixels, integer=True)
     if c.n_protos != "auto": check_positive("n_protos", c.n_protos, integer=True, minimum=2)
     for name in ("freeze_protos_iters", "K", "warmup_epochs"):
@@ -165,6 +169,15 @@ def _together(c: PretrainConfig):
     for name in ("tensorboard", "wandb"):
         if getattr(c, name) and importlib.util.find_spec(name) is None:
             raise SettingError(name, f"{name} needs the {name} package, which is not installed: pip install {name}")
+    _shard_options(c)
+
+def _shard_options(c: PretrainConfig):
+    "The options that apply to tar shards only, or to folders only"
+    shards = c.path is not None and is_shard_spec(c.path)
+    if c.epoch_samples is not None and not shards:
+        raise SettingError("epoch_samples", f"epoch_samples applies to tar shards (--path 'shards/train-{{0000..0099}}.tar'), not to {'a folder' if c.path else 'the digits'}: an epoch is all its images")
+    if c.max_images is not None and shards:
+        raise SettingError("max_images", "max_images applies to folders: with tar shards, pass --epoch_samples (samples per epoch) or a shorter pattern")
 
 def check_config(c: PretrainConfig) -> PretrainConfig:
     "`c` if every field is valid whatever the data; else a `SettingError` naming the field"
@@ -241,7 +254,8 @@ def with_file(config: PretrainConfig) -> PretrainConfig:
 # %% ../nbs/05b_config.ipynb #c022
 SAME_RUN = ("path", "arch", "arch_kwargs", "num_crops", "crop_sizes", "min_scales", "max_scales", "size", "bs", "lr", "n_protos",
             "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "valid_pct", "gray", "rgb",
-            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last", "init")
+            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last", "init",
+            "epoch_samples")
 
 def changed_settings(
     saved: dict,            # The settings of the run (its settings.json or its checkpoint's)

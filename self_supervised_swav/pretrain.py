@@ -27,6 +27,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
     from self_supervised_swav.checks import SettingError, first_line
     from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto, with_file
+    from self_supervised_swav.shards import ShardEpochs, is_shard_spec, shard_loaders
     from self_supervised_swav.cache import cached_folder_dls
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
@@ -100,11 +101,16 @@ class Data:
     labelled: bool
     description: str
     n_in: int
+    knn_sets: tuple | None = None   # (bank, queries) loaders of tar shards, read in a fixed order; None: subsets of `dls`
+    n_classes: int | None = None    # Number of classes, when the data knows it (tar shards)
     @property
     def n_train(self) -> int: return len(self.dls.train.dataset)
     @property
     def n_valid(self) -> int: return len(self.dls.valid.dataset)
     def as_dict(self) -> dict: return dict(description=self.description, n_train=self.n_train, n_valid=self.n_valid, n_in=self.n_in, labelled=self.labelled)
+    def knn_dls(self, seed: int) -> tuple:
+        "(bank, queries) of the kNN monitor: the shards' own, or random subsets of the training and validation images"
+        return self.knn_sets or (_subset_dl(self.dls.train, 5000, seed), _subset_dl(self.dls.valid, 1000, seed))
 
 def _n_in(config: PretrainConfig) -> int: return 1 if (config.gray or (config.path is None and not config.rgb)) else 3
 
@@ -114,6 +120,7 @@ def _load_data(config: PretrainConfig) -> Data:
     if config.path is None:
         dls = embedded_dls(size, config.bs, config.valid_pct, config.seed, gray=not config.rgb, max_images=config.max_images)
         return _check_batch(config, Data(dls, True, f"scikit-learn digits (embedded), 10 classes, {size} px", n_in))
+    if is_shard_spec(config.path): return _check_batch(config, _shard_data(config, size, n_in))
     files, (short, long, smallest) = image_files(config.path)
     if config.max_images is not None: files = files[:config.max_images]
     if config.size is None and max(config.crop_sizes) > short:   # with `size` every image is resized to it first
@@ -127,6 +134,13 @@ def _load_data(config: PretrainConfig) -> Data:
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return _check_batch(config, Data(dls, labels is not None, f"folder {str(config.path)!r}, {what}, resized to {size} px", n_in))
 
+def _shard_data(config: PretrainConfig, size: int, n_in: int) -> Data:
+    "The tar shards of `config.path`: this process's stream, the kNN sets"
+    world, rank = world_rank()
+    s = shard_loaders(config.path, size, config.bs, config.valid_pct, config.seed, config.gray, config.epoch_samples,
+                      config.workers, rank=rank, world=world)
+    return Data(s.dls, s.labelled, s.description, n_in, knn_sets=(s.bank, s.dls.valid), n_classes=s.n_classes)
+
 def _check_batch(config: PretrainConfig, data: Data) -> Data:
     "`data` if its training set holds a batch"
     if config.bs > data.n_train:
@@ -137,6 +151,7 @@ def _check_batch(config: PretrainConfig, data: Data) -> Data:
 def _n_classes(data: Data) -> int | None:
     "Number of classes of labelled data (fastai's vocab, or the distinct targets of a tensor dataset)"
     if not data.labelled: return None
+    if data.n_classes is not None: return data.n_classes
     vocab = getattr(data.dls, "vocab", None)
     if vocab is not None: return len(vocab)
     ds = data.dls.train.dataset
@@ -181,7 +196,7 @@ def _knn(encoder: nn.Module, data: Data, augs) -> float | None:
     "kNN top-1 of `encoder`, None without labels or validation images"
     if not data.labelled or data.n_valid == 0: return None
     with image_errors():
-        return knn_accuracy(encoder, _subset_dl(data.dls.train, 5000, 0), _subset_dl(data.dls.valid, 1000, 0), tfm=pipeline_normalization(augs))
+        return knn_accuracy(encoder, *data.knn_dls(0), tfm=pipeline_normalization(augs))
 
 def _fmt(v) -> str: return "n/a" if v is None else f"{v:.4f}"
 
@@ -207,7 +222,8 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
            PrototypeUsageMonitor(), DataWait(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
            RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
-        cbs.append(KNNMonitor(_subset_dl(data.dls.train, 5000, 1), _subset_dl(data.dls.valid, 1000, 1), recalibrate_bn=True))
+        cbs.append(KNNMonitor(*data.knn_dls(1), recalibrate_bn=True))
+    if data.knn_sets: cbs.append(ShardEpochs())   # the stream of tar shards follows the epoch
     return cbs + _loggers(config, out)
 
 def _loggers(config: PretrainConfig, out: Path) -> list:
@@ -273,8 +289,9 @@ def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm
 def _recalibrate(encoder: nn.Module, data: Data, augs):
     "BatchNorm statistics of the full-size training images"
     if not _has_bn(encoder): return
-    with image_errors(): recalibrate_bn(encoder, data.dls.train, pipeline_normalization(augs))
-    _say(f"BatchNorm statistics recomputed on the {data.n_train} training images at full size")
+    dl = data.knn_sets[0] if data.knn_sets else data.dls.train   # tar shards: the kNN bank, not a whole epoch's stream
+    with image_errors(): recalibrate_bn(encoder, dl, pipeline_normalization(augs))
+    _say(f"BatchNorm statistics recomputed on the {len(dl.dataset)} training images at full size")
 
 def _save_models(learn: Learner, out: Path, meta: dict):
     "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
