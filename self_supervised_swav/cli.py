@@ -63,6 +63,8 @@ def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]
     if hint is bool: return flags, dict(action="store_true", help=help)
     kw = dict(help=help, required=True) if default is MISSING else dict(default=default, help=help)
     if getattr(hint, "__origin__", None) is list: return flags, dict(kw, type=hint.__args__[0], nargs="+")
+    if default == "auto" and getattr(AUTO[name], "__origin__", None) is list:   # `--crop_sizes 224 96` or `--crop_sizes auto`
+        return flags, dict(kw, type=_auto_arg(name, AUTO[name].__args__[0]), nargs="+")
     if default == "auto": return flags, dict(kw, type=_auto_arg(name, AUTO[name]))
     args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]   # `int | None` and the like
     return flags, dict(kw, type=args[0])
