@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -179,8 +179,6 @@ def _together(c: PretrainConfig):
         raise SettingError("warmup_epochs", f"warmup_epochs {c.warmup_epochs} must be below --epochs {c.epochs}: the cosine part of the schedule needs epochs too")
     for name in ("fp16", "bf16"):
         if getattr(c, name) and not torch.cuda.is_available(): raise SettingError(name, f"{name} needs a CUDA GPU, and none is available")
-    if c.budget is not None and c.epochs != "auto" and not c.resume:
-        raise SettingError("budget", f"budget {c.budget} plans the epochs: drop --epochs {c.epochs}, or drop --budget")
     if c.fp16 and c.bf16: raise SettingError("bf16", "fp16 and --bf16 exclude each other: pass one of them")
     for name in ("tensorboard", "wandb"):
         if getattr(c, name) and importlib.util.find_spec(name) is None:

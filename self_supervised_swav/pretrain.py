@@ -167,6 +167,8 @@ def _resolve(config: PretrainConfig) -> tuple[PretrainConfig, dict]:
     with image_errors(): stats = embedded_stats(config.max_images) if config.path is None else folder_stats(config.path, config.max_images)
     machine = machine_info()
     probe = swav_batch_probe(1 if stats.channels == 1 and not config.rgb or config.gray else 3) if machine.device == "cuda" and config.bs == "auto" else None
+    if config.budget and config.epochs != "auto" and not config.resume:
+        raise SettingError("budget", f"budget {config.budget} plans the epochs: drop --epochs {config.epochs}, or drop --budget")
     if config.budget and config.epochs == "auto" and world_rank()[0] > 1:
         raise SettingError("budget", "budget plans one process's epochs: with several processes, pass --epochs instead")
     return resolve_auto(config, stats, machine, world_rank()[0], batch_probe=probe)
