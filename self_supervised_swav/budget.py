@@ -93,7 +93,7 @@ def budget_plan(
     image_s = knn_s / knn_images if knn_images else step_s / bs / 3     # one forward pass, per image
     valid_s = math.ceil(n_valid / bs) * step_s / 3
     monitor_s = (knn_s + min(n_train, 5000) * image_s * recalibrate) if knn_s else 0.
-    end_s = n_train * image_s * recalibrate + knn_s + 2 * save_s + PLOTS_S
+    end_s = min(n_train, 10_000) * image_s * recalibrate + knn_s + 2 * save_s + PLOTS_S   # pretrain recalibrates on at most 10,000
     return plan_epochs(BudgetPlan(parse_duration(budget), spent_s, step_s, n_train // bs, valid_s + monitor_s + save_s, end_s, bs), budget)
 
 # %% ../nbs/09d_budget.ipynb #bu015

@@ -211,7 +211,7 @@ def resolve_data(config: PretrainConfig, data: DataStats, machine: Machine | Non
     suggested = suggest_data_settings(_facts(config, data), machine or machine_info(), config.valid_pct, batch_probe)
     chosen, why = {n: suggested[n][0] for n in auto}, {n: suggested[n][1] for n in auto}
     if config.size == "auto" and config.crop_sizes != "auto":
-        chosen["size"], why["size"] = max(config.crop_sizes), "the largest of the crop sizes given"
+        chosen["size"], why["size"] = None, "the largest of the crop sizes given (smaller images are refused: pass --size to resize them)"
     if not (config.gray or config.rgb): chosen["gray"], why["gray"] = suggested["gray"]
     return config.replace(**chosen), why
 

@@ -44,7 +44,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'RunStopped', 'resumed', 'Data', 'TrainedEpochsCSV', 'PretrainResult', 'pretrain']
+__all__ = ['RUN_FILES', 'RECALIBRATE_MAX', 'RunStopped', 'resumed', 'Data', 'TrainedEpochsCSV', 'PretrainResult', 'pretrain']
 
 # %% ../nbs/06a_pretrain.ipynb #p006
 RUN_FILES = dict(checkpoint="checkpoint.pth", settings="settings.json", results="swav_pretrain.json", encoder="encoder.pth",
@@ -273,13 +273,15 @@ def _own_line(e: BaseException) -> str:
     return first_line(Exception("\n".join(lines[1:] if lines and lines[0].startswith("Exception occured in") else lines)))
 
 # %% ../nbs/06a_pretrain.ipynb #p020
+RECALIBRATE_MAX = 10_000   # images the final BatchNorm statistics are computed on (a budget run plans with it)
+
 def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm._BatchNorm) for l in m.modules())
 
 def _recalibrate(encoder: nn.Module, data: Data, augs):
-    "BatchNorm statistics of the full-size training images"
+    "BatchNorm statistics of the full-size training images (at most `RECALIBRATE_MAX`, chosen at random: plenty for means and variances)"
     if not _has_bn(encoder): return
-    with image_errors(): recalibrate_bn(encoder, data.dls.train, pipeline_normalization(augs))
-    _say(f"BatchNorm statistics recomputed on the {data.n_train} training images at full size")
+    with image_errors(): recalibrate_bn(encoder, _subset_dl(data.dls.train, RECALIBRATE_MAX, 2), pipeline_normalization(augs))
+    _say(f"BatchNorm statistics recomputed on {min(data.n_train, RECALIBRATE_MAX)} training images at full size")
 
 def _save_models(learn: Learner, out: Path, meta: dict):
     "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
@@ -362,7 +364,7 @@ def _plan(config: PretrainConfig, encoder: nn.Module, data: Data, augs, started:
     "(configuration, {setting: why}, plan) with the epochs that fit `config.budget`, timed on a throw-away copy of the model"
     probe, _ = resolve_auto(config.replace(epochs=1), data.n_train, n_classes=_n_classes(data))
     learn = Learner(data.dls, create_swav_model(copy.deepcopy(encoder), n_protos=probe.n_protos), opt_func=swav_opt_func(config.opt, config.momentum, probe.wd),
-                    cbs=[SWAV(augs, crop_assgn_ids=[0, 1], temp=config.temp, eps=probe.eps, freeze_protos_iters=0)])
+                    cbs=[SWAV(augs, crop_assgn_ids=[0, 1], K=None, temp=config.temp, eps=probe.eps, freeze_protos_iters=0)])
     with image_errors(): step_s = time_steps(learn, lr=probe.lr)
     t = time.time(); torch.save(dict(model=learn.model.state_dict(), opt=learn.opt.state_dict()), io.BytesIO()); save_s = time.time() - t   # a checkpoint
     knn_images = min(data.n_train, 5000) + min(data.n_valid, 1000) if knn_s else 0
