@@ -5,10 +5,12 @@
 # %% ../nbs/09d_budget.ipynb #bu003
 from __future__ import annotations
 import math
+import os
 import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback, CancelFitException
@@ -16,8 +18,8 @@ from fastai.callback.core import Callback, CancelFitException
 from .checks import SettingError
 
 # %% auto #0
-__all__ = ['MARGIN', 'PLOTS_S', 'parse_duration', 'fmt_duration', 'BudgetPlan', 'plan_epochs', 'budget_plan', 'StepTimer',
-           'time_steps']
+__all__ = ['MARGIN', 'PLOTS_S', 'parse_duration', 'process_age_s', 'fmt_duration', 'BudgetPlan', 'plan_epochs', 'budget_plan',
+           'StepTimer', 'time_steps']
 
 # %% ../nbs/09d_budget.ipynb #bu005
 _UNITS = dict(s=1, m=60, h=3600)
@@ -28,6 +30,13 @@ def parse_duration(s: str) -> float:
     secs = sum(float(n) * _UNITS[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([hms])", parts.group(1))) if parts else 0
     if secs <= 0: raise SettingError("budget", f"budget must be a duration such as 90s, 20m or 1.5h, got {s!r}")
     return secs
+
+def process_age_s() -> float:
+    "Seconds since this process started (Linux's /proc; 0 elsewhere): a command's budget counts its imports too"
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return max(0., float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError): return 0.
 
 def fmt_duration(secs: float) -> str:
     "A duration as the shortest of '45s', '3m20s', '1h05m'"

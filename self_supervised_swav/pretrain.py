@@ -390,9 +390,10 @@ def _start(learn: Learner, ckpt: dict | None, out: Path, epochs: int) -> int:
 # %% ../nbs/06a_pretrain.ipynb #p026
 def pretrain(
     config: PretrainConfig,   # The settings of the run
+    started: float | None = None, # When the run started (`time.time()`; the command passes its process's start); None: now
 ) -> PretrainResult:
     "Pretrain an encoder with SwAV as `config` says; `SettingError` for bad input, `RunStopped` when training stops early"
-    start, config = time.time(), with_file(config)   # the settings of `config.config` for those left at their default
+    start, config = started or time.time(), with_file(config)   # the settings of `config.config` for those left at their default
     config, ckpt = resumed(config) if config.resume else (config, None)
     set_seed(config.seed)
     given = given_settings(config)
