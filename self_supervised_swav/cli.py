@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse
 import sys
+import time
 import warnings
 from dataclasses import MISSING, fields
 from typing import get_type_hints
@@ -14,6 +15,7 @@ from fastcore.docments import docments
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the command's output clean
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from self_supervised_swav.checks import SettingError
+    from self_supervised_swav.budget import process_age_s
     from self_supervised_swav.config import AUTO, PretrainConfig, auto_number
     from self_supervised_swav.distributed import is_main_process
     from self_supervised_swav.pretrain import RunStopped, pretrain
@@ -65,6 +67,8 @@ def _option(name: str, hint, default, doc: str | None) -> tuple[list[str], dict]
     if hint is bool: return flags, dict(action="store_true", help=help)
     kw = dict(help=help, required=True) if default is MISSING else dict(default=default, help=help)
     if getattr(hint, "__origin__", None) is list: return flags, dict(kw, type=hint.__args__[0], nargs="+")
+    if default == "auto" and getattr(AUTO[name], "__origin__", None) is list:   # `--crop_sizes 224 96` or `--crop_sizes auto`
+        return flags, dict(kw, type=_auto_arg(name, AUTO[name].__args__[0]), nargs="+")
     if default == "auto": return flags, dict(kw, type=_auto_arg(name, AUTO[name]))
     args = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)]   # `int | None` and the like
     if set(args) == {str, bool}: return flags, dict(kw, type=str, nargs="?", const=True)   # `--cache` alone: True; `--cache DIR`
@@ -87,10 +91,10 @@ def config_parser(
     return p
 
 # %% ../nbs/06_cli.ipynb #c011
-def swav_pretrain(**settings) -> dict:
+def swav_pretrain(started: float | None = None, **settings) -> dict:
     "Pretrain with SwAV from Python as the command line does: `settings` are its options; the results of `swav_pretrain.json`"
     try:
-        res = pretrain(PretrainConfig(**settings))
+        res = pretrain(PretrainConfig(**settings), started)
     except UsageError: raise
     except SettingError as e: raise UsageError(e.param, flag_message(e)) from None
     if is_main_process(): print("\n".join(res.summary()), flush=True)
@@ -103,7 +107,8 @@ def pretrain_parser() -> OneLineParser:
 def main(argv: list[str] | None = None):
     "The `swav_pretrain` command: parse `argv` (default: `sys.argv[1:]`), run; a mistake or a stopped run is one line on stderr and an exit status (2; 1 or 128 + signal)"
     args = pretrain_parser().parse_args(argv)
-    try: swav_pretrain(**vars(args))
+    started = time.time() - process_age_s() if argv is None else None   # from the shell, a --budget counts the process's start-up
+    try: swav_pretrain(started, **vars(args))
     except UsageError as e: _exit("swav_pretrain", f"error: {e}", 2)
     except RunStopped as e: _exit("swav_pretrain", str(e), e.code)
 

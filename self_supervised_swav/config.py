@@ -7,36 +7,39 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
 
+from .budget import parse_duration
 from .checks import (SettingError, check_choice, check_in_range, check_nonnegative, check_positive,
                                          check_same_length)
 from .swav import get_swav_aug_pipelines
 from .recipe import SWAV_OPTS
-from .suggest import suggest_swav_settings
+from .suggest import suggest_data_settings, suggest_swav_settings
+from .datastats import DataStats, Machine, machine_info
 from .shards import is_shard_spec
 
 # %% auto #0
-__all__ = ['AUTO', 'RUN_KEYS', 'SAME_RUN', 'PretrainConfig', 'auto_number', 'check_config', 'arch_kwargs', 'resolve_auto',
-           'in_use', 'config_json', 'read_config', 'with_file', 'changed_settings']
+__all__ = ['AUTO', 'DATA_AUTO', 'RUN_KEYS', 'SAME_RUN', 'PretrainConfig', 'auto_number', 'check_config', 'arch_kwargs',
+           'resolve_data', 'resolve_auto', 'given_settings', 'in_use', 'config_json', 'read_config', 'with_file',
+           'changed_settings']
 
 # %% ../nbs/05b_config.ipynb #c006
 @dataclass
 class PretrainConfig:
     "The settings of a SwAV pretraining run, checked when made (`SettingError` naming the field)"
     path: str | None = None          # Folder of images (searched recursively), or WebDataset tar shards ('shards/train-{0000..0099}.tar'); default: scikit-learn digits, no download
-    arch: str = "resnet10t"          # timm model name or fastai architecture (e.g. resnet18, xresnet18, vit_tiny_patch16_224), randomly initialised
-    num_crops: list[int] = field(default_factory=lambda: [2, 2])        # Number of crops of each size
-    crop_sizes: list[int] = field(default_factory=lambda: [24, 12])     # Side of the crops in px, per size
-    min_scales: list[float] = field(default_factory=lambda: [0.6, 0.35]) # Smallest crop area (fraction of the image), per size
-    max_scales: list[float] = field(default_factory=lambda: [1.0, 0.6])  # Largest crop area (fraction of the image), per size
-    size: int | None = None          # Images are resized to size x size px; default: the largest crop size
-    epochs: int = 6                  # Training epochs
-    bs: int = 64                     # Batch size (per process)
+    arch: str = "auto"               # timm model name or fastai architecture (e.g. resnet18, xresnet18, vit_tiny_patch16_224), randomly initialised; auto: by device and data size
+    num_crops: list[int] | str = "auto"     # Number of crops of each size; auto: the paper's 2 + 6 on a GPU with large photos, fewer on CPU or small images
+    crop_sizes: list[int] | str = "auto"    # Side of the crops in px, per size; auto: from the images' typical size (paper: 224 96)
+    min_scales: list[float] | str = "auto"  # Smallest crop area (fraction of the image), per size; auto: paper 0.14 0.05 (photos)
+    max_scales: list[float] | str = "auto"  # Largest crop area (fraction of the image), per size; auto: paper 1 0.14 (photos)
+    size: int | str | None = "auto"  # Images are resized to size x size px; auto: their typical short side (never upscaled), at most 256 (128 on CPU); None: the largest crop size
+    epochs: int | str = "auto"       # Training epochs; auto: 100 on a GPU, about 400,000 images seen on CPU, or planned for --budget
+    bs: int | str = "auto"           # Batch size (per process); auto: the largest that fits on a GPU (probed), a rule for the fastest per image on CPU
     lr: float | str = "auto"         # Peak learning rate; auto: scaled with the global batch for --opt (suggest_swav_settings)
     n_protos: int | str = "auto"     # Number of prototypes; auto: about 10 per class, fewer for small data and batches
     K: int | str = "auto"            # Queue length per assignment crop (per process); 0: no queue; auto: a queue only for long runs with small batches
@@ -51,17 +54,18 @@ class PretrainConfig:
     warmup_epochs: int | str = "auto" # Warm-up epochs of warmup_cosine; auto: 10 for global batches of 1024 or more (official), else 0
     final_lr: float | str = "auto"   # Last learning rate of warmup_cosine; auto: lr / 1000 (official)
     recipe: str = "swav"             # Augmentation recipe: "swav" (paper) or "fastai" (original library)
-    jitter_s: float = 0.5            # Colour jitter strength s (brightness, contrast, saturation 0.8*s, hue 0.2*s)
-    flip_p: float = 0.0              # Probability of a horizontal flip: 0 for the digits (flipping changes them), 0.5 for most photos
+    jitter_s: float | str = "auto"   # Colour jitter strength s (brightness, contrast, saturation 0.8*s, hue 0.2*s); auto: paper 1.0 for RGB, 0.8 for gray
+    flip_p: float | str = "auto"     # Probability of a horizontal flip; auto: 0.5 (paper), 0 for the digits (flipping changes them)
+    blur_p: float | str = "auto"     # Probability of a Gaussian blur of a crop; auto: 0.5 (paper), 0 for images under 64 px
     valid_pct: float = 0.2           # Fraction of the images held out (kNN queries, validation loss)
-    gray: bool = False               # Convert folder images to one channel instead of RGB
-    rgb: bool = False                # Use the embedded digits as 3-channel images
+    gray: bool = False               # Read the images as one channel (default: when every sampled image is single-channel)
+    rgb: bool = False                # Read the images as 3 channels, even gray ones (the embedded digits repeated)
     max_images: int | None = None    # Use only the first max_images images (quick tries)
-    workers: int | None = None       # DataLoader worker processes for a folder; default: fastai's (one per CPU core)
+    workers: int | str | None = "auto" # DataLoader worker processes for a folder; auto: one per usable core (at most 8), one core left to the model without a GPU
     epoch_samples: int | None = None # Samples per epoch with tar shards (all processes together); default: the shards' samples less the held-out share
     cache: str | bool = False        # Decode and resize the --path images once into a file that every epoch and later run reads: --cache alone keeps it in ~/.cache/self_supervised_swav ($XDG_CACHE_HOME), --cache DIR in DIR
-    workers: int | None = None       # DataLoader worker processes for a folder; default: one per core (at most 8), one core left to the model without a GPU
     max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit (about 89 million)
+    budget: str | None = None        # Time for the whole run (e.g. 90s, 20m, 1.5h): the epochs are planned from the speed of the first iterations
     output: str = "swav_output"      # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42                   # Random seed (split, initialisation, augmentations)
     fp16: bool = False               # Mixed precision training in float16 (needs a CUDA GPU)
@@ -77,7 +81,9 @@ class PretrainConfig:
     overwrite: bool = False          # Replace the run that --output holds
 
     def __post_init__(self):
-        for f in _LISTS: setattr(self, f, list(getattr(self, f)) if isinstance(getattr(self, f), (list, tuple)) else getattr(self, f))
+        for f in _LISTS:
+            v = getattr(self, f)
+            setattr(self, f, "auto" if list(v) == ["auto"] else list(v)) if isinstance(v, (list, tuple)) else None
         for name, kind in AUTO.items(): setattr(self, name, auto_number(name, getattr(self, name), kind))
         check_config(self)
 
@@ -89,18 +95,25 @@ class PretrainConfig:
 # %% ../nbs/05b_config.ipynb #c008
 def _kinds(cls) -> dict[str, Any]: return get_type_hints(cls)
 
-AUTO = {f.name: next(a for a in _kinds(PretrainConfig)[f.name].__args__ if a is not str)
-        for f in fields(PretrainConfig) if f.default == "auto"}   # settings that accept "auto", and the kind of their number
-_LISTS = [f.name for f in fields(PretrainConfig) if getattr(_kinds(PretrainConfig)[f.name], "__origin__", None) is list]
+def _auto_kind(hint) -> type:
+    "The kind of value of an `auto` field: its type other than str and None (str for a plain str field)"
+    return next((a for a in getattr(hint, "__args__", (hint,)) if a not in (str, type(None))), str)
+
+AUTO = {f.name: _auto_kind(_kinds(PretrainConfig)[f.name])
+        for f in fields(PretrainConfig) if f.default == "auto"}   # settings that accept "auto", and the kind of their value
+_LISTS = [name for name, kind in AUTO.items() if getattr(kind, "__origin__", None) is list]
 
 def auto_number(name: str, v, kind: type):
     "`v` as a `kind` number (from a number or a string), or 'auto'; `SettingError` naming the setting otherwise"
-    if v == "auto": return v
+    if v == "auto" or kind is str: return v
+    if getattr(kind, "__origin__", None) is list:
+        if not isinstance(v, (list, tuple)): raise SettingError(name, f"{name} must be a list or auto, got {v!r}")
+        return [auto_number(name, x, kind.__args__[0]) for x in v]
     try:
         n = kind(v) if not isinstance(v, bool) else None
         if kind is int and float(v) != n: n = None
     except (TypeError, ValueError): n = None
-    if n is None: raise SettingError(name, f"{name} must be {'an int' if kind is int else 'a number'} or auto, got {v!r}")
+    if n is None: raise SettingError(name, f"{name} must be {'an int' if kind is int else 'a number'}{'' if kind is float or name not in _LISTS else ' list'} or auto, got {v!r}")
     return n
 
 # %% ../nbs/05b_config.ipynb #c011
@@ -108,14 +121,15 @@ _VIA = dict(aug_pipelines="num_crops", crop_assgn_ids="num_crops")   # library p
 
 def _numbers(c: PretrainConfig):
     "The checks of the numeric fields, each naming its field"
-    check_positive("epochs", c.epochs, integer=True)
-    check_positive("bs", c.bs, integer=True, minimum=2)   # SwAV's codes share a batch among prototypes; BatchNorm needs 2 images
+    if c.epochs != "auto": check_positive("epochs", c.epochs, integer=True)
+    if c.bs != "auto": check_positive("bs", c.bs, integer=True, minimum=2)   # SwAV's codes share a batch among prototypes; BatchNorm needs 2 images
     check_nonnegative("seed", c.seed, integer=True)
     for name in ("size", "max_images"):
-        if getattr(c, name) is not None: check_positive(name, getattr(c, name), integer=True)
-    if c.workers is not None: check_nonnegative("workers", c.workers, integer=True)
+        if getattr(c, name) not in (None, "auto"): check_positive(name, getattr(c, name), integer=True)
+    if c.workers not in (None, "auto"): check_nonnegative("workers", c.workers, integer=True)
     if c.epoch_samples is not None: check_positive("epoch_samples", c.epoch_samples, integer=True)
     if c.max_pixels is not None: check_positive("max_pixels", c.max_pixels, integer=True)
+    if c.budget is not None: parse_duration(c.budget)
     if c.n_protos != "auto": check_positive("n_protos", c.n_protos, integer=True, minimum=2)
     for name in ("freeze_protos_iters", "K", "warmup_epochs"):
         if getattr(c, name) != "auto": check_nonnegative(name, getattr(c, name), integer=True)
@@ -124,7 +138,9 @@ def _numbers(c: PretrainConfig):
     if c.wd != "auto": check_nonnegative("wd", c.wd)
     if c.queue_start_pct != "auto": check_in_range("queue_start_pct", c.queue_start_pct)
     check_positive("temp", c.temp)
-    check_nonnegative("jitter_s", c.jitter_s)
+    if c.jitter_s != "auto": check_nonnegative("jitter_s", c.jitter_s)
+    for name in ("flip_p", "blur_p"):
+        if getattr(c, name) != "auto": check_in_range(name, getattr(c, name))
     check_in_range("momentum", c.momentum, 0, 1, open_hi=True)
     check_in_range("valid_pct", c.valid_pct, open_lo=True, open_hi=True)
 
@@ -132,6 +148,7 @@ def _choices(c: PretrainConfig):
     "The checks of the fields that name a choice, a file or a folder"
     check_choice("opt", c.opt, list(SWAV_OPTS))
     check_choice("schedule", c.schedule, ["one_cycle", "warmup_cosine"])
+    check_choice("recipe", c.recipe, ["swav", "fastai"])
     for name in ("path", "config", "resume", "arch_kwargs", "init"):
         v = getattr(c, name)
         if v is not None and not (isinstance(v, str) and v): raise SettingError(name, f"{name} must be a non-empty string, got {v!r}")
@@ -146,20 +163,28 @@ def _choices(c: PretrainConfig):
 
 # %% ../nbs/05b_config.ipynb #c012
 def _crops(c: PretrainConfig):
-    "Crops, scales, recipe, jitter and flips, checked by building the pipelines"
-    check_same_length(num_crops=c.num_crops, crop_sizes=c.crop_sizes, min_scales=c.min_scales, max_scales=c.max_scales)
+    "Crops, scales, recipe, jitter, flips and blur, checked by building the pipelines (once none is left to `auto`)"
+    given = {k: getattr(c, k) for k in _LISTS if getattr(c, k) != "auto"}
+    if given: check_same_length(**given)
+    if any(getattr(c, k) == "auto" for k in _LISTS + ["jitter_s", "flip_p", "blur_p"]): return _size(c)
     try: get_swav_aug_pipelines(num_crops=c.num_crops, crop_sizes=c.crop_sizes, min_scales=c.min_scales, max_scales=c.max_scales,
-                                recipe=c.recipe, jitter_s=c.jitter_s, flip_p=c.flip_p)
+                                recipe=c.recipe, jitter_s=c.jitter_s, flip_p=c.flip_p, blur_p=c.blur_p)
     except SettingError as e: raise SettingError(_VIA.get(e.param, e.param), str(e)) from None
-    if c.num_crops[0] < 2:
+    _size(c)
+
+def _size(c: PretrainConfig):
+    "The crop values that can be checked while others are still `auto`"
+    if "auto" not in (c.min_scales, c.max_scales) and any(lo > hi for lo, hi in zip(c.min_scales, c.max_scales)):
+        raise SettingError("min_scales", f"min_scales must be <= max_scales for every crop size, got min_scales={c.min_scales}, max_scales={c.max_scales}")
+    if c.num_crops != "auto" and c.num_crops[0] < 2:
         raise SettingError("num_crops", f"the first crop size needs at least 2 crops (their codes are swapped), got --num_crops {c.num_crops}")
-    if c.size is not None and max(c.crop_sizes) > c.size:
+    if c.size not in (None, "auto") and c.crop_sizes != "auto" and max(c.crop_sizes) > c.size:
         raise SettingError("crop_sizes", f"crop size {max(c.crop_sizes)} px is larger than the images (--size {c.size}): "
                                          "pass smaller --crop_sizes or a larger --size")
 
 def _together(c: PretrainConfig):
     "The checks that compare fields, or a field with the machine"
-    if c.warmup_epochs != "auto" and c.warmup_epochs >= c.epochs:
+    if "auto" not in (c.warmup_epochs, c.epochs) and c.warmup_epochs >= c.epochs:
         raise SettingError("warmup_epochs", f"warmup_epochs {c.warmup_epochs} must be below --epochs {c.epochs}: the cosine part of the schedule needs epochs too")
     for name in ("fp16", "bf16"):
         if getattr(c, name) and not torch.cuda.is_available(): raise SettingError(name, f"{name} needs a CUDA GPU, and none is available")
@@ -193,21 +218,49 @@ def arch_kwargs(c: PretrainConfig) -> dict:
     return kw
 
 # %% ../nbs/05b_config.ipynb #c016
+DATA_AUTO = ("arch", "size", "num_crops", "crop_sizes", "min_scales", "max_scales", "jitter_s", "flip_p", "blur_p", "bs", "workers", "epochs")
+
+def _facts(config: PretrainConfig, data: DataStats) -> DataStats:
+    "`data` as the settings given make it: `size` is the images' side, `gray`/`rgb` their channels"
+    side = config.size if isinstance(config.size, int) else data.short_side
+    return dataclasses.replace(data, short_side=side, channels=1 if config.gray else 3 if config.rgb else data.channels)
+
+def resolve_data(config: PretrainConfig, data: DataStats, machine: Machine | None = None, batch_probe=None) -> tuple[PretrainConfig, dict[str, str]]:
+    "(the configuration with the image, model and batch settings left at 'auto' chosen for `data` and `machine`, {setting: why})"
+    auto = [n for n in DATA_AUTO if getattr(config, n) == "auto" and not (n == "epochs" and config.budget)]
+    suggested = suggest_data_settings(_facts(config, data), machine or machine_info(), config.valid_pct, batch_probe)
+    chosen, why = {n: suggested[n][0] for n in auto}, {n: suggested[n][1] for n in auto}
+    if config.size == "auto" and config.crop_sizes != "auto":
+        chosen["size"], why["size"] = None, "the largest of the crop sizes given (smaller images are refused: pass --size to resize them)"
+    if not (config.gray or config.rgb): chosen["gray"], why["gray"] = suggested["gray"]
+    return config.replace(**chosen), why
+
 def resolve_auto(
-    config: PretrainConfig,         # Settings, with 'auto' for the ones `suggest_swav_settings` should choose
-    n_train: int,                   # Training images
-    n_classes: int | None = None,   # Classes, when the data has labels
+    config: PretrainConfig,         # Settings, with 'auto' for the ones to choose
+    data: DataStats | int,          # What a sample of the data says; or only the number of training images (SwAV settings only)
+    machine: Machine | None = None, # The machine; None: this one
     world_size: int = 1,            # Processes training together (the global batch is `bs * world_size`)
+    n_classes: int | None = None,   # Classes, when `data` is a number of images
+    batch_probe=None,               # batch_probe(dict(arch, num_crops, crop_sizes), bs) -> bool: a step fits in GPU memory (None: the CPU rule)
 ) -> tuple[PretrainConfig, dict[str, str]]:
-    "(the configuration with each 'auto' replaced by the value suggested for the data, {setting: why} for the ones chosen)"
-    auto = [name for name in AUTO if getattr(config, name) == "auto"]
-    if not auto: return config, {}
+    "(the configuration with each 'auto' replaced by the value chosen for the data and the machine, {setting: why} for the ones chosen)"
+    why = {}
+    if isinstance(data, DataStats):
+        config, why = resolve_data(config, data, machine, batch_probe)
+        n_train, n_classes = data.n_train(config.valid_pct), data.n_classes
+    else: n_train = data
+    auto = [name for name in AUTO if name not in DATA_AUTO and getattr(config, name) == "auto"]
+    if not auto or "auto" in (config.epochs, config.bs): return config, why
     try: suggested = suggest_swav_settings(n_train, config.bs * world_size, config.epochs, n_classes, config.opt)
     except SettingError: raise
     except ValueError as e: raise SettingError("bs", str(e)) from None
     chosen = {name: suggested[name][0] for name in auto}
     if chosen.get("warmup_epochs", config.warmup_epochs) >= config.epochs: chosen["warmup_epochs"] = 0
-    return config.replace(**chosen), {name: suggested[name][1] for name in auto}
+    return config.replace(**chosen), {**why, **{name: suggested[name][1] for name in auto}}
+
+def given_settings(config: PretrainConfig) -> list[str]:
+    "The settings that could be `auto` but were given (they win over what `resolve_auto` would choose)"
+    return [n for n in AUTO if getattr(config, n) != "auto"] + [n for n in ("gray", "rgb") if getattr(config, n)]
 
 def in_use(config: PretrainConfig, name: str) -> bool:
     "The setting matters for this run (the warm-up ones only for warmup_cosine, the queue start only with a queue)"
@@ -215,7 +268,7 @@ def in_use(config: PretrainConfig, name: str) -> bool:
     return name != "queue_start_pct" or bool(config.K)
 
 # %% ../nbs/05b_config.ipynb #c019
-RUN_KEYS = ("world_size", "knn_top1_random", "auto")   # what settings.json records besides the settings
+RUN_KEYS = ("world_size", "knn_top1_random", "auto", "given", "budget_plan")   # what settings.json records besides the settings
 
 def config_json(config: PretrainConfig, **run) -> str:
     "The configuration as the JSON of settings.json, with the run's `RUN_KEYS`"
@@ -227,7 +280,7 @@ def _fits(v, hint) -> bool:
     "`v` is a valid JSON value for a field of type `hint` (`int | None`, `float | str`, ... : any of the kinds)"
     kinds = [a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)] if getattr(hint, "__origin__", None) is not list else [hint]
     if v is None: return len(kinds) < len(getattr(hint, "__args__", ())) or hint is str
-    if getattr(hint, "__origin__", None) is list: return isinstance(v, list)
+    if isinstance(v, list): return any(getattr(k, "__origin__", None) is list for k in kinds)
     if isinstance(v, bool): return bool in kinds
     if isinstance(v, (int, float)): return float in kinds or (int in kinds and float(v).is_integer())
     return str in kinds and isinstance(v, str)
@@ -242,6 +295,8 @@ def read_config(path: str | Path) -> dict:
     if unknown: raise SettingError("config", f"config {str(path)!r}: unknown settings {unknown}; valid ones are the options of swav_pretrain --help")
     for k, v in cfg.items():
         if k in hints and not _fits(v, hints[k]): raise SettingError("config", f"config {str(path)!r}: {k} must be {_kind(hints[k])}, got {v!r}")
+        if k in AUTO and isinstance(v, str) and v != "auto" and AUTO[k] is not str:
+            raise SettingError("config", f"config {str(path)!r}: {k} must be {_kind(AUTO[k])} or auto, got {v!r}")
     return {k: v for k, v in cfg.items() if k in hints}
 
 def with_file(config: PretrainConfig) -> PretrainConfig:
@@ -253,9 +308,9 @@ def with_file(config: PretrainConfig) -> PretrainConfig:
 
 # %% ../nbs/05b_config.ipynb #c022
 SAME_RUN = ("path", "arch", "arch_kwargs", "num_crops", "crop_sizes", "min_scales", "max_scales", "size", "bs", "lr", "n_protos",
-            "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "valid_pct", "gray", "rgb",
-            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last", "init",
-            "epoch_samples")
+            "K", "queue_start_pct", "eps", "temp", "freeze_protos_iters", "recipe", "jitter_s", "flip_p", "blur_p", "valid_pct", "gray", "rgb",
+            "max_images", "seed", "fp16", "bf16", "opt", "wd", "momentum", "schedule", "warmup_epochs", "final_lr", "pretrained", "channels_last", "budget",
+            "init", "epoch_samples")
 
 def changed_settings(
     saved: dict,            # The settings of the run (its settings.json or its checkpoint's)

@@ -4,6 +4,8 @@
 
 # %% ../nbs/06a_pretrain.ipynb #p003
 from __future__ import annotations
+import copy
+import io
 import json
 import time
 import warnings
@@ -26,7 +28,9 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     import fastai.callback.channelslast  # noqa: F401  (Learner.to_channelslast)
 
     from self_supervised_swav.checks import SettingError, first_line
-    from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, in_use, resolve_auto, with_file
+    from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, given_settings, in_use, resolve_auto, with_file
+    from self_supervised_swav.datastats import embedded_stats, folder_stats, machine_info, swav_batch_probe
+    from self_supervised_swav.budget import BudgetPlan, budget_plan, fmt_duration, parse_duration, time_steps
     from self_supervised_swav.shards import ShardEpochs, is_shard_spec, shard_loaders
     from self_supervised_swav.cache import cached_folder_dls
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
@@ -43,7 +47,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'RunStopped', 'resumed', 'Data', 'TrainedEpochsCSV', 'PretrainResult', 'pretrain']
+__all__ = ['RUN_FILES', 'RECALIBRATE_MAX', 'RunStopped', 'resumed', 'Data', 'TrainedEpochsCSV', 'PretrainResult', 'pretrain']
 
 # %% ../nbs/06a_pretrain.ipynb #p006
 RUN_FILES = dict(checkpoint="checkpoint.pth", settings="settings.json", results="swav_pretrain.json", encoder="encoder.pth",
@@ -174,15 +178,26 @@ def _encoder(config: PretrainConfig, n_in: int, pool_type: str = "catavgmax") ->
 def _augs(config: PretrainConfig, n_in: int):
     "The `MultiCrop` pipelines of the configuration, normalised with ImageNet's statistics (their mean for one channel)"
     return get_swav_aug_pipelines(num_crops=config.num_crops, crop_sizes=config.crop_sizes, min_scales=config.min_scales,
-                                  max_scales=config.max_scales, recipe=config.recipe, jitter_s=config.jitter_s, flip_p=config.flip_p,
+                                  max_scales=config.max_scales, recipe=config.recipe, jitter_s=config.jitter_s, flip_p=config.flip_p, blur_p=config.blur_p,
                                   stats=GRAY_STATS if n_in == 1 else imagenet_stats)
 
+def _resolve(config: PretrainConfig) -> tuple[PretrainConfig, dict]:
+    "The `auto` settings chosen from a sample of the data (its headers) and the machine"
+    with image_errors(): stats = embedded_stats(config.max_images) if config.path is None else folder_stats(config.path, config.max_images)
+    machine = machine_info()
+    probe = swav_batch_probe(1 if stats.channels == 1 and not config.rgb or config.gray else 3) if machine.device == "cuda" and config.bs == "auto" else None
+    if config.budget and config.epochs != "auto" and not config.resume:
+        raise SettingError("budget", f"budget {config.budget} plans the epochs: drop --epochs {config.epochs}, or drop --budget")
+    if config.budget and config.epochs == "auto" and world_rank()[0] > 1:
+        raise SettingError("budget", "budget plans one process's epochs: with several processes, pass --epochs instead")
+    return resolve_auto(config, stats, machine, world_rank()[0], batch_probe=probe)
+
 def _prepare(config: PretrainConfig, init: InitWeights | None = None) -> tuple[PretrainConfig, nn.Module, Data, list, dict]:
-    "(configuration with the `auto` settings chosen for the data, encoder, data, augmentation pipelines, {setting: why})"
+    "(configuration with the `auto` settings chosen for the data and the machine, encoder, data, augmentation pipelines, {setting: why})"
+    config, reasons = _resolve(config)
     encoder = _encoder(config, _n_in(config), (init.pool_type if init is not None else None) or "catavgmax")   # --init: the pooling its encoder had
     data = _load_data(config)
-    config, reasons = resolve_auto(config, data.n_train, _n_classes(data), world_rank()[0])
-    if config.K: check_queue_length(config.K, data.n_train, world_rank()[0])
+    if config.K not in (0, "auto"): check_queue_length(config.K, data.n_train, world_rank()[0])
     return config, encoder, data, _augs(config, data.n_in), reasons
 
 # %% ../nbs/06a_pretrain.ipynb #p014
@@ -284,14 +299,16 @@ def _own_line(e: BaseException) -> str:
     return first_line(Exception("\n".join(lines[1:] if lines and lines[0].startswith("Exception occured in") else lines)))
 
 # %% ../nbs/06a_pretrain.ipynb #p020
+RECALIBRATE_MAX = 10_000   # images the final BatchNorm statistics are computed on (a budget run plans with it)
+
 def _has_bn(m: nn.Module) -> bool: return any(isinstance(l, nn.modules.batchnorm._BatchNorm) for l in m.modules())
 
 def _recalibrate(encoder: nn.Module, data: Data, augs):
-    "BatchNorm statistics of the full-size training images"
+    "BatchNorm statistics of the full-size training images (at most `RECALIBRATE_MAX`, chosen at random: plenty for means and variances)"
     if not _has_bn(encoder): return
-    dl = data.knn_sets[0] if data.knn_sets else data.dls.train   # tar shards: the kNN bank, not a whole epoch's stream
+    dl = data.knn_sets[0] if data.knn_sets else _subset_dl(data.dls.train, RECALIBRATE_MAX, 2)   # tar shards: the kNN bank, not an epoch's stream
     with image_errors(): recalibrate_bn(encoder, dl, pipeline_normalization(augs))
-    _say(f"BatchNorm statistics recomputed on the {len(dl.dataset)} training images at full size")
+    _say(f"BatchNorm statistics recomputed on {len(dl.dataset)} training images at full size")
 
 def _save_models(learn: Learner, out: Path, meta: dict):
     "The encoder and the whole SwAV model, with the metadata that rebuilds them (rank 0 only)"
@@ -364,22 +381,36 @@ def _write_results(learn: Learner, res: PretrainResult, resumed_run: bool):
     res.files["results"].write_text(json.dumps(res.as_dict(), indent=1, default=str))
 
 # %% ../nbs/06a_pretrain.ipynb #p025
-def _announce(config: PretrainConfig, encoder: nn.Module, data: Data, reasons: dict):
-    "The data, the model and the settings chosen for the data, in a few lines"
+def _announce(config: PretrainConfig, encoder: nn.Module, data: Data, reasons: dict, given: list[str]):
+    "The model and the settings, each chosen one with its reason and each given one said so, in a few lines"
     crops = " + ".join(f"{n}x{c}px" for n, c in zip(config.num_crops, config.crop_sizes))
-    _say(f"data: {data.description}; {data.n_train} training and {data.n_valid} validation images, {data.n_in} channel{'s' if data.n_in > 1 else ''}")
     _say(f"model: {config.arch} (random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M parameters), "
          f"{config.n_protos} prototypes, crops {crops}, {'queue of ' + str(config.K) if config.K else 'no queue'}, "
          f"prototypes frozen for {config.freeze_protos_iters} iterations, {config.opt} at lr {config.lr:g} ({config.schedule})")
     for name, why in reasons.items():
         if in_use(config, name): _say(f"  {name} = {getattr(config, name)} (auto: {why})")
+    for name in given:
+        if in_use(config, name): _say(f"  {name} = {getattr(config, name)} (given: wins over auto)")
 
-def _knn_before(encoder: nn.Module, data: Data, augs, ckpt: dict | None) -> float | None:
-    "kNN top-1 of the random encoder (of a resumed run: as it was measured when the run started)"
-    if ckpt is not None: return ckpt["settings"].get("knn_top1_random")
+def _plan(config: PretrainConfig, encoder: nn.Module, data: Data, augs, started: float, knn_s: float) -> tuple[PretrainConfig, dict, dict]:
+    "(configuration, {setting: why}, plan) with the epochs that fit `config.budget`, timed on a throw-away copy of the model"
+    probe, _ = resolve_auto(config.replace(epochs=1), data.n_train, n_classes=_n_classes(data))
+    learn = Learner(data.dls, create_swav_model(copy.deepcopy(encoder), n_protos=probe.n_protos), opt_func=swav_opt_func(config.opt, config.momentum, probe.wd),
+                    cbs=[SWAV(augs, crop_assgn_ids=[0, 1], K=None, temp=config.temp, eps=probe.eps, freeze_protos_iters=0)])
+    with image_errors(): step_s = time_steps(learn, lr=probe.lr)
+    t = time.time(); torch.save(dict(model=learn.model.state_dict(), opt=learn.opt.state_dict()), io.BytesIO()); save_s = time.time() - t   # a checkpoint
+    knn_images = min(data.n_train, 5000) + min(data.n_valid, 1000) if knn_s else 0
+    plan = budget_plan(config.budget, time.time() - started, step_s, data.n_train, data.n_valid, config.bs, knn_s, knn_images, save_s, _has_bn(encoder))
+    _say(plan.describe())
+    config, why = resolve_auto(config.replace(epochs=plan.epochs), data.n_train, world_size=world_rank()[0], n_classes=_n_classes(data))
+    return config, {"epochs": f"planned for --budget {config.budget} from {step_s:.3f}s per iteration", **why}, plan.as_dict()
+def _knn_before(encoder: nn.Module, data: Data, augs, ckpt: dict | None) -> tuple[float | None, float]:
+    "(kNN top-1 of the random encoder (of a resumed run: as it was measured when the run started), seconds it took)"
+    if ckpt is not None: return ckpt["settings"].get("knn_top1_random"), 0.
+    t = time.time()
     knn = _knn(encoder, data, augs)
     if data.labelled: _say(f"kNN top-1 (k=20) of the randomly initialised encoder: {_fmt(knn)}")
-    return knn
+    return knn, time.time() - t if knn is not None else 0.
 
 def _start(learn: Learner, ckpt: dict | None, out: Path, epochs: int) -> int:
     "The first epoch to train: 0, or the one after a resumed checkpoint"
@@ -391,17 +422,22 @@ def _start(learn: Learner, ckpt: dict | None, out: Path, epochs: int) -> int:
 # %% ../nbs/06a_pretrain.ipynb #p026
 def pretrain(
     config: PretrainConfig,   # The settings of the run
+    started: float | None = None, # When the run started (`time.time()`; the command passes its process's start); None: now
 ) -> PretrainResult:
     "Pretrain an encoder with SwAV as `config` says; `SettingError` for bad input, `RunStopped` when training stops early"
-    start, config = time.time(), with_file(config)   # the settings of `config.config` for those left at their default
+    start, config = started or time.time(), with_file(config)   # the settings of `config.config` for those left at their default
     config, ckpt = resumed(config) if config.resume else (config, None)
     set_seed(config.seed)
+    given = given_settings(config)
     init = read_init(config.init) if config.init else None
     config, encoder, data, augs, reasons = _prepare(config, init)
     out = _output_folder(config)   # once the data is checked: no empty folder after a mistake
-    _announce(config, encoder, data, reasons)
-    knn_random = _knn_before(encoder, data, augs, ckpt)
-    settings = dict(config.as_dict(), auto=reasons, world_size=world_rank()[0], knn_top1_random=knn_random)
+    _say(f"data: {data.description}; {data.n_train} training and {data.n_valid} validation images, {data.n_in} channel{'s' if data.n_in > 1 else ''}")
+    knn_random, knn_s = _knn_before(encoder, data, augs, ckpt)
+    plan = ckpt["settings"].get("budget_plan") if ckpt else None
+    if config.epochs == "auto": config, more, plan = _plan(config, encoder, data, augs, start, knn_s); reasons = {**reasons, **more}
+    _announce(config, encoder, data, reasons, given)
+    settings = dict(config.as_dict(), auto=reasons, given=given, world_size=world_rank()[0], knn_top1_random=knn_random, budget_plan=plan)
     if is_main_process(): (out / RUN_FILES["settings"]).write_text(json.dumps(settings, indent=1, default=str))
     learn = _learner(config, encoder, data, augs, out, settings, init)
     save = partial(_save_models, learn, out, _model_meta(config, data))
@@ -413,4 +449,10 @@ def pretrain(
     res = PretrainResult(out, settings, data.as_dict(), knn_random, knn, _epochs(out / RUN_FILES["history"]), round(time.time() - start, 1))
     _write_results(learn, res, ckpt is not None)
     _export(out)
+    if config.budget and not ckpt: _say(_budget_end(config.budget, time.time() - start, plan))
     return res
+
+def _budget_end(budget: str, took: float, plan: dict) -> str:
+    "The time the run took, against its budget and its plan"
+    return (f"budget {budget}: the run took {fmt_duration(took)} ({100 * took / parse_duration(budget):.0f} % of the budget; "
+            f"planned {plan['epochs']} epochs to end after {fmt_duration(BudgetPlan(**plan).expected_s)})")

@@ -5,11 +5,12 @@
 # %% ../nbs/09a_suggest.ipynb #s003
 from __future__ import annotations
 
+from .datastats import DataStats, Machine, largest_batch
 from .checks import SettingError, check_positive
 from .recipe import DEFAULT_WD, check_opt
 
 # %% auto #0
-__all__ = ['OFFICIAL', 'suggest_swav_settings']
+__all__ = ['OFFICIAL', 'PAPER_CROPS', 'DIGITS_CROPS', 'suggest_swav_settings', 'suggest_data_settings']
 
 # %% ../nbs/09a_suggest.ipynb #r022
 OFFICIAL = dict(bs=4096, n_protos=3000, lr=4.8, lr_bs256=0.6, freeze_protos_iters=313, queue=3840, queue_max_bs=256,
@@ -76,3 +77,88 @@ def suggest_swav_settings(
         wd=(DEFAULT_WD[opt], "official 1e-6" if opt != "adam" else "fastai's Adam default 0.01, measured here on Fashion-MNIST"),
         eps=(OFFICIAL["eps"], "official 0.05 (0.03 is the README's fix for a loss stuck at ln(n_protos))"),
     )
+
+# %% ../nbs/09a_suggest.ipynb #sd01
+PAPER_CROPS = dict(num_crops=[2, 6], crop_sizes=[224, 96], min_scales=[0.14, 0.05], max_scales=[1.0, 0.14], size=256)  # main_swav.py, 8x crops
+DIGITS_CROPS = dict(num_crops=[2, 2], crop_sizes=[24, 12], min_scales=[0.6, 0.35], max_scales=[1.0, 0.6], size=24)  # the demo's
+
+def _kind(data: DataStats) -> str: return "digits" if data.embedded else "small" if data.short_side < 64 else "photo"
+
+def _mult8(x: float, lo: int = 16) -> int: return max(lo, int(round(x / 8)) * 8)
+
+def _crops(data: DataStats, machine: Machine) -> dict[str, tuple]:
+    "size, num_crops, crop_sizes, min_scales, max_scales, each (value, reason)"
+    kind = _kind(data)
+    if kind == "digits":
+        why = "the embedded digits' measured demo settings (8 px digits upsampled to 24 px)"
+        return {k: (v, why) for k, v in DIGITS_CROPS.items()}
+    if kind == "small":
+        s, why = data.short_side, "tuned on Fashion-MNIST's validation split (BENCHMARKS.md) for images under 64 px"
+        return dict(size=(s, f"the images' typical short side, {s} px (never upscaled)"), num_crops=([2, 2], why),
+                    crop_sizes=([s, s // 2], why), min_scales=([0.5, 0.2], why), max_scales=([1.0, 0.4], why))
+    gpu, big = machine.device == "cuda", data.short_side >= PAPER_CROPS["size"]
+    if gpu and big:
+        why = "the paper's multi-crop (GPU, images of 256 px or more)"
+        return {k: (v, why) for k, v in PAPER_CROPS.items()}
+    cap = PAPER_CROPS["size"] if gpu else 128
+    size = min(data.short_side, cap)
+    size_why = (f"the images' typical short side, {size} px (never upscaled)" if size == data.short_side else
+                f"{cap} px: {'the paper resizes to 256' if gpu else 'on CPU, so an epoch takes minutes'} (typical short side {data.short_side} px)")
+    g = _mult8(size * 224 / 256, 32)
+    n_local = 6 if gpu else 4
+    why = (f"the paper's multi-crop scaled to {size} px" + ("" if gpu else f", on CPU 2 + {n_local} crops (paper 2 + 6) to train in reasonable time"))
+    return dict(size=(size, size_why), num_crops=([2, n_local], why), crop_sizes=([g, _mult8(g * 96 / 224)], why),
+                min_scales=(PAPER_CROPS["min_scales"], why), max_scales=(PAPER_CROPS["max_scales"], why))
+
+# %% ../nbs/09a_suggest.ipynb #sd04
+def _look(data: DataStats) -> dict[str, tuple]:
+    "gray, flip_p, jitter_s, blur_p, each (value, reason)"
+    kind, gray = _kind(data), data.channels == 1
+    gray_why = ("the sampled images are single-channel: read as one channel" if gray else "the sampled images have colour: read as RGB")
+    flip = (0.0, "no flips: a flipped digit is another digit or none") if kind == "digits" else (0.5, "the paper's 0.5 (most images mean the same mirrored)")
+    if kind == "digits": jitter = (0.5, "the digits' measured demo strength")
+    elif gray: jitter = (0.8, "0.8 on gray images, tuned on Fashion-MNIST (one channel: brightness and contrast, no hue or saturation)")
+    else: jitter = (1.0, "the paper's strength s = 1 (brightness, contrast, saturation 0.8, hue 0.2)")
+    blur = (0.0, "no blur under 64 px: it erases what small images hold (the tuned Fashion-MNIST run has none)") if kind == "small" else \
+           (0.5, "the paper's blur, half the crops")
+    return dict(gray=(gray, gray_why), flip_p=flip, jitter_s=jitter, blur_p=blur)
+
+# %% ../nbs/09a_suggest.ipynb #sd07
+def _pow2_below(n: int) -> int: return 1 << max(1, n.bit_length() - 1)
+
+def _model(data: DataStats, machine: Machine, crops: dict, n_train: int, batch_probe=None) -> dict[str, tuple]:
+    "arch, bs, workers, epochs, each (value, reason), for the crops chosen (`_crops`)"
+    crop = crops["crop_sizes"][0][0]
+    gpu, cap = machine.device == "cuda", max(2, _pow2_below(max(2, n_train // 4)))
+    if not gpu: arch = ("resnet10t", "on CPU: the smallest timm ResNet (1 block per stage)")
+    elif data.n_images >= 200_000: arch = ("resnet50", "the paper's ResNet-50 (GPU, 200,000 images or more)")
+    else: arch = ("resnet18", "on a GPU with fewer than 200,000 images: ResNet-18")
+    if data.embedded: bs = (min(64, cap), "the digits' measured demo batch")
+    elif gpu and batch_probe is not None:
+        shape = dict(arch=arch[0], num_crops=crops["num_crops"][0], crop_sizes=crops["crop_sizes"][0])
+        found = largest_batch(lambda b: batch_probe(shape, b), limit=min(1024, cap))
+        bs = (found or 8, f"the largest batch that fits with a quarter of the GPU's {machine.gpu_free_gb} GiB free left over (probed)"
+              if found else "the smallest batch: 16 did not fit")
+    else:
+        rule = 128 if crop <= 32 else 64 if crop <= 128 else 32
+        bs = (min(rule, cap), f"on CPU the fastest per image for {crop} px crops (128 up to 32 px, 64 up to 128, 32 above)"
+              + (f", capped at a quarter of the {n_train} training images" if cap < rule else ""))
+    workers = (0, "in memory: no worker processes") if data.embedded else \
+              (min(machine.cpu_cores, 8), f"one per CPU core ({machine.cpu_cores}), at most 8")
+    if data.embedded: epochs = (8, "the embedded demo: about 2 minutes on 2 CPU cores")
+    elif gpu: epochs = (100, "the paper's shortest schedule (100 epochs)")
+    else:
+        n = max(1, min(50, round(400_000 / n_train)))
+        epochs = (n, f"about 400,000 images seen on CPU ({n} x {n_train}; Fashion-MNIST's tuned 7 epochs), at most 50")
+    return dict(arch=arch, bs=bs, workers=workers, epochs=epochs)
+
+# %% ../nbs/09a_suggest.ipynb #sd10
+def suggest_data_settings(
+    data: DataStats,          # What a sample of the images says
+    machine: Machine,         # The device the run trains on
+    valid_pct: float = 0.2,   # Fraction of the images held out
+    batch_probe=None,         # batch_probe(dict(arch, num_crops, crop_sizes), bs) -> bool: a step fits in GPU memory (None: the CPU rule)
+) -> dict[str, tuple]:
+    "Settings for these images on this machine, as {name: (value, one-line reason)}: crops, size, look, model, batch, workers, epochs"
+    crops = _crops(data, machine)
+    return {**crops, **_look(data), **_model(data, machine, crops, data.n_train(valid_pct), batch_probe)}

@@ -108,7 +108,7 @@ def bad_inputs(root: Path) -> list:
         (["--path", str(root / "truncated"), "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"], "cannot read image"),
         (["--path", str(root / "huge"), "--max_pixels", "10000", "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"],
          f"--max_pixels: image {str(root / 'huge' / '3.png')!r} is 300x200 px"),
-        (["--path", str(root / "small")], "crop size 24 px is larger than the smallest image"),
+        (["--path", str(root / "small"), "--crop_sizes", "24", "12"], "crop size 24 px is larger than the smallest image"),
         (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
         (["--max_images", "100", "--K", "500"], "--K=500 (queue length) is larger than the training set"),

@@ -1,0 +1,47 @@
+"`--budget`: the epochs planned from the measured speed, the run stopped by the plan, the plan kept on --resume; the one-line errors."
+import json
+import signal
+
+from helpers import on_checkpoint, run_main
+from self_supervised_swav.budget import BudgetPlan, parse_duration, plan_epochs
+from self_supervised_swav.checkpoint import Interrupted
+from self_supervised_swav.cli import main
+
+RUN = ["--max_images", "300", "--size", "16", "--crop_sizes", "16", "8", "--n_protos", "20", "--bs", "32"]   # a few seconds an epoch
+
+
+def test_budget_plans_the_epochs_from_the_measured_speed(tmp_path):
+    out = tmp_path / "out"
+    code, err = run_main(main, *RUN, "--budget", "2m", "--output", out)
+    assert code == 0, err
+    res = json.loads((out / "swav_pretrain.json").read_text())
+    plan = res["settings"]["budget_plan"]
+    replanned = plan_epochs(BudgetPlan(**{**plan, "epochs": 0}))
+    assert plan["epochs"] == replanned.epochs >= 1 and res["settings"]["epochs"] == plan["epochs"]   # the epochs follow from the rate
+    assert [e["epoch"] for e in res["epochs"]] == list(range(plan["epochs"]))                      # and the run trained them all
+    assert replanned.expected_s <= parse_duration("2m") and plan["iters"] == 240 // 32
+    assert "planned for --budget 2m" in res["settings"]["auto"]["epochs"]
+    assert res["seconds"] < 2 * 120   # a loose bound on a shared machine: a planner that ignored the budget would run 8 epochs of minutes
+
+
+def test_resume_keeps_the_plan(tmp_path):
+    out = tmp_path / "out"
+    with on_checkpoint(0, Interrupted(signal.SIGTERM)): code, _ = run_main(main, *RUN, "--budget", "2m", "--output", out)
+    assert code == 128 + signal.SIGTERM
+    planned = json.loads((out / "settings.json").read_text())
+    code, err = run_main(main, "--resume", out)
+    assert code == 0, err
+    res = json.loads((out / "swav_pretrain.json").read_text())
+    assert res["settings"]["epochs"] == planned["epochs"] and res["settings"]["budget_plan"] == planned["budget_plan"]
+    assert len(res["epochs"]) == planned["epochs"]
+    code, err = run_main(main, "--resume", out, "--budget", "5m")   # another budget is another run
+    assert code == 2 and "--resume" in err and "--budget 2m" in err
+
+
+def test_budget_errors_are_one_line(tmp_path):
+    code, err = run_main(main, "--budget", "20minutes", "--output", tmp_path / "a")
+    assert code == 2 and err == "swav_pretrain: error: --budget must be a duration such as 90s, 20m or 1.5h, got '20minutes'\n"
+    code, err = run_main(main, *RUN, "--budget", "1s", "--output", tmp_path / "b")
+    assert code == 2 and err.count("\n") == 1 and "--budget: budget 1s is too short for one epoch here" in err and "pass --budget " in err
+    code, err = run_main(main, "--budget", "5m", "--epochs", "3", "--output", tmp_path / "c")
+    assert code == 2 and "drop --epochs 3" in err
