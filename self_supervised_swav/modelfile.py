@@ -409,8 +409,8 @@ def read_init(
     official = _official_swav(path, ckpt)
     if official is not None: return official
     meta = ckpt["meta"] if isinstance(ckpt.get("meta"), dict) else {}
-    if isinstance(ckpt.get("model"), dict) and any(k.startswith("prototypes.") for k in ckpt["model"]):
-        m = ckpt["model"]
+    m = ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt   # save_swav_model, or a SwAV model's state_dict (learn.save)
+    if any(k.startswith("prototypes.") for k in m) and any(k.startswith("projector.") for k in m):
         return InitWeights(str(path), "swav_model", _sub_state(m, "encoder."), _sub_state(m, "projector."), _sub_state(m, "prototypes."), meta.get("pool_type"))
     return InitWeights(str(path), "encoder", _encoder_state(ckpt)[0], pool_type=meta.get("pool_type"))
 

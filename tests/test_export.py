@@ -166,3 +166,18 @@ def test_onnx_refusal_is_one_line_and_quiet(tmp_path, capfd):
     with pytest.raises(SettingError, match=r"^onnx: fft does not export to ONNX \(UnsupportedOperatorError: .*\): export timm or torchvision$"):
         export_onnx(FFT(), dict(arch="fft", n_in=1, image_size=8), tmp_path / "fft.onnx")
     assert capfd.readouterr().out == "" and not (tmp_path / "fft.onnx").exists()
+
+
+def test_init_from_this_library_keeps_the_head(tmp_path):
+    from self_supervised_swav.modelfile import save_swav_model
+    torch.manual_seed(0)
+    model = create_swav_model(create_encoder("resnet10t", pretrained=False, n_in=1, pool_type="avg"), hidden_size=32, projection_size=8, n_protos=6)
+    save_swav_model(model, tmp_path / "swav_model.pth", arch="resnet10t")
+    torch.save(model.state_dict(), tmp_path / "learn_save.pth")   # a learn.save(with_opt=False) file: the model's state_dict
+    for f in ("swav_model.pth", "learn_save.pth"):
+        init = read_init(tmp_path / f)
+        assert init.layout == "swav_model" and init.head == dict(hidden_size=32, projection_size=8, nlayers=2, bn=True)
+        fresh = create_swav_model(create_encoder("resnet10t", pretrained=False, n_in=1, pool_type=init.pool_type or "avg"), n_protos=6, **init.head)
+        init_swav_model(fresh, init)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.projector.state_dict().values(), model.projector.state_dict().values()))
+        torch.testing.assert_close(fresh.prototypes.weight, model.prototypes.weight)
