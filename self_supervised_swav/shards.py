@@ -46,11 +46,11 @@ def is_shard_spec(path: str | Path) -> bool:
     "`path` names WebDataset tar shards: it ends in .tar or holds a brace pattern (`{0000..0099}`, `{a,b}`)"
     return str(path).endswith(".tar") or bool(_BRACES.search(str(path)))
 
-def _webdataset():
-    "The webdataset package, or a `SettingError` for `path` saying how to install it"
+def _webdataset(param: str = "path"):
+    "The webdataset package, or a `SettingError` for `param` saying how to install it"
     try: import webdataset
     except ImportError:
-        raise SettingError("path", "tar shards need the webdataset package, which is not installed: pip install webdataset "
+        raise SettingError(param, "tar shards need the webdataset package, which is not installed: pip install webdataset "
                                    "(or pip install 'self_supervised_swav[shards]')") from None
     return webdataset
 
@@ -109,7 +109,7 @@ def folder_to_shards(
     config: ShardsConfig,   # Folder, shard pattern, shard size, seed
 ) -> dict:
     "Write the images of `config.folder` into tar shards, shuffled, and their JSON index; returns the index"
-    wds = _webdataset()
+    wds = _webdataset("pattern")
     try: files = folder_images(config.folder)
     except SettingError as e: raise SettingError("folder", str(e).replace("path ", "folder ", 1)) from None
     _check_free(config)
