@@ -31,7 +31,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, given_settings, in_use, resolve_auto, with_file
     from self_supervised_swav.datastats import embedded_stats, folder_stats, machine_info, swav_batch_probe
     from self_supervised_swav.budget import BudgetPlan, budget_plan, fmt_duration, parse_duration, time_steps
-    from self_supervised_swav.shards import ShardEpochs, is_shard_spec, shard_loaders
+    from self_supervised_swav.shards import ShardTrainer, is_shard_spec, shard_loaders
     from self_supervised_swav.cache import cached_folder_dls
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
@@ -238,7 +238,7 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
            RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(*data.knn_dls(1), recalibrate_bn=True))
-    if data.knn_sets: cbs.append(ShardEpochs())   # the stream of tar shards follows the epoch
+    if data.knn_sets: cbs.append(ShardTrainer())   # the epoch and the device of the tar shards' stream
     return cbs + _loggers(config, out)
 
 def _loggers(config: PretrainConfig, out: Path) -> list:
@@ -327,6 +327,10 @@ def _epochs(csv_path: Path) -> list[dict]:
     r4 = lambda v: None if v is None else round(v, 4)
     return [dict(epoch=int(e), **{k: r4(cols[k][i]) for k in cols if k != "epoch"}) for i, e in enumerate(cols["epoch"])]
 
+def _folder(path: str | None) -> str:
+    "A run's folder of images for swav_cluster, or FOLDER for the digits and for tar shards"
+    return path if path and not is_shard_spec(path) else "FOLDER"
+
 @dataclass
 class PretrainResult:
     "What a pretraining run produced"
@@ -357,7 +361,7 @@ class PretrainResult:
                 + (f"; prototypes used in the last epoch: {last['protos_used']:.0f} of {n_protos}" if last.get("protos_used") is not None else ""),
                 f"wrote {', '.join(files)} in {self.output}/",
                 f"next: fine-tune with finetune_learner(dls, {str(self.files['encoder'])!r}); sort images by prototype with "
-                f"swav_cluster --model {self.files['model']} --path {self.settings['path'] or 'FOLDER'}"]
+                f"swav_cluster --model {self.files['model']} --path {_folder(self.settings['path'])}"]
 
 # %% ../nbs/06a_pretrain.ipynb #p023
 def _export(out: Path):

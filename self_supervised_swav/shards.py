@@ -35,7 +35,7 @@ from .distributed import DistributedDL
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'is_shard_spec', 'shard_files', 'index_path', 'ShardsConfig', 'folder_to_shards', 'read_index',
            'shard_labels', 'shard_sizes', 'held_out', 'decode_image_bytes', 'decode_sample', 'sample_label',
-           'ShardSamples', 'ShardDL', 'ShardEpochs', 'ShardData', 'shard_loaders']
+           'ShardSamples', 'ShardDL', 'ShardTrainer', 'ShardData', 'shard_loaders']
 
 # %% ../nbs/05d_shards.ipynb #s006
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")   # the image files a sample may hold
@@ -46,11 +46,11 @@ def is_shard_spec(path: str | Path) -> bool:
     "`path` names WebDataset tar shards: it ends in .tar or holds a brace pattern (`{0000..0099}`, `{a,b}`)"
     return str(path).endswith(".tar") or bool(_BRACES.search(str(path)))
 
-def _webdataset():
-    "The webdataset package, or a `SettingError` for `path` saying how to install it"
+def _webdataset(param: str = "path"):
+    "The webdataset package, or a `SettingError` for `param` saying how to install it"
     try: import webdataset
     except ImportError:
-        raise SettingError("path", "tar shards need the webdataset package, which is not installed: pip install webdataset "
+        raise SettingError(param, "tar shards need the webdataset package, which is not installed: pip install webdataset "
                                    "(or pip install 'self_supervised_swav[shards]')") from None
     return webdataset
 
@@ -109,7 +109,7 @@ def folder_to_shards(
     config: ShardsConfig,   # Folder, shard pattern, shard size, seed
 ) -> dict:
     "Write the images of `config.folder` into tar shards, shuffled, and their JSON index; returns the index"
-    wds = _webdataset()
+    wds = _webdataset("pattern")
     try: files = folder_images(config.folder)
     except SettingError as e: raise SettingError("folder", str(e).replace("path ", "folder ", 1)) from None
     _check_free(config)
@@ -285,11 +285,15 @@ class ShardDL(DistributedDL):
         "A loader of the same stream: it has its own order, and no partial batch to drop"
         return ShardDL(self.dataset if dataset is None else dataset, num_workers=self.fake_l.num_workers, device=self.device)
 
-class ShardEpochs(Callback):
-    "Set the epoch of a training `ShardSamples` before each epoch's training: its order of shards and samples"
+class ShardTrainer(Callback):
+    "For shard loaders, what fastai's trainers do for the others: the epoch (the order of shards and samples), batches on the model's device"
     def before_train(self):
-        ds = getattr(self.dls.train, "dataset", None)
-        if isinstance(ds, ShardSamples): ds.set_epoch(self.epoch)
+        if isinstance(self.dl, ShardDL): self.dl.dataset.set_epoch(self.epoch)
+        self._follow_model()
+    def before_validate(self): self._follow_model()
+    def _follow_model(self):
+        p = next(self.learn.model.parameters(), None)   # under DDP, each process's own GPU
+        if isinstance(self.dl, ShardDL) and p is not None and self.dl.device is not None: self.dl.to(p.device)
 
 # %% ../nbs/05d_shards.ipynb #s030
 @dataclass

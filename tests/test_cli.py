@@ -230,7 +230,8 @@ def bad_pretrain_values(tmp: Path) -> dict:
         pretrained=["--pretrained=1"], tensorboard=flag_or("tensorboard", importlib.util.find_spec("tensorboard") is None),
         wandb=flag_or("wandb", importlib.util.find_spec("wandb") is None), config=["--config", str(tmp / "missing.json")],
         arch_kwargs=["--arch_kwargs", "{drop"], resume=["--resume", str(tmp / "no_run")], overwrite=["--overwrite=1"],
-        init=["--init", str(tmp / "missing.pth")])
+        init=["--init", str(tmp / "missing.pth")],
+        epoch_samples=["--epoch_samples", "0"])
 
 
 def one_error_line(command, argv: list, capsys) -> str:
