@@ -79,7 +79,8 @@ class PretrainConfig:
         for f in _LISTS:
             v = getattr(self, f)
             setattr(self, f, "auto" if list(v) == ["auto"] else list(v)) if isinstance(v, (list, tuple)) else None
-        for name, kind in AUTO.items(): setattr(self, name, auto_number(name, getattr(self, name), kind))
+        for name, kind in AUTO.items():
+            if getattr(self, name) is not None: setattr(self, name, auto_number(name, getattr(self, name), kind))   # None: size, workers
         check_config(self)
 
     def replace(self, **changes) -> PretrainConfig:
