@@ -231,7 +231,7 @@ def resolve_auto(
         n_train, n_classes = data.n_train(config.valid_pct), data.n_classes
     else: n_train = data
     auto = [name for name in AUTO if name not in DATA_AUTO and getattr(config, name) == "auto"]
-    if not auto or "auto" in (config.epochs, config.bs): return config, why
+    if not auto or "auto" in (config.epochs, config.bs) or config.bs > n_train: return config, why   # a batch too large: the data's check says so
     try: suggested = suggest_swav_settings(n_train, config.bs * world_size, config.epochs, n_classes, config.opt)
     except SettingError: raise
     except ValueError as e: raise SettingError("bs", str(e)) from None
