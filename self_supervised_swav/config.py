@@ -84,7 +84,8 @@ class PretrainConfig:
         for f in _LISTS:
             v = getattr(self, f)
             setattr(self, f, "auto" if list(v) == ["auto"] else list(v)) if isinstance(v, (list, tuple)) else None
-        for name, kind in AUTO.items(): setattr(self, name, auto_number(name, getattr(self, name), kind))
+        for name, kind in AUTO.items():
+            if getattr(self, name) is not None: setattr(self, name, auto_number(name, getattr(self, name), kind))   # None: size, workers
         check_config(self)
 
     def replace(self, **changes) -> PretrainConfig:
@@ -250,7 +251,7 @@ def resolve_auto(
         n_train, n_classes = data.n_train(config.valid_pct), data.n_classes
     else: n_train = data
     auto = [name for name in AUTO if name not in DATA_AUTO and getattr(config, name) == "auto"]
-    if not auto or "auto" in (config.epochs, config.bs): return config, why
+    if not auto or "auto" in (config.epochs, config.bs) or config.bs > n_train: return config, why   # a batch too large: the data's check says so
     try: suggested = suggest_swav_settings(n_train, config.bs * world_size, config.epochs, n_classes, config.opt)
     except SettingError: raise
     except ValueError as e: raise SettingError("bs", str(e)) from None

@@ -430,11 +430,11 @@ def pretrain(
 ) -> PretrainResult:
     "Pretrain an encoder with SwAV as `config` says; `SettingError` for bad input, `RunStopped` when training stops early"
     start, config = started or time.time(), with_file(config)   # the settings of `config.config` for those left at their default
-    config, ckpt = resumed(config) if config.resume else (config, None)
+    given, (config, ckpt) = given_settings(config), resumed(config) if config.resume else (config, None)
     set_seed(config.seed)
-    given = given_settings(config)
     init = read_init(config.init) if config.init else None
     config, encoder, data, augs, reasons = _prepare(config, init)
+    given, reasons = (ckpt["settings"].get("given", []), ckpt["settings"].get("auto", {})) if ckpt else (given, reasons)   # as the run chose them
     out = _output_folder(config)   # once the data is checked: no empty folder after a mistake
     _say(f"data: {data.description}; {data.n_train} training and {data.n_valid} validation images, {data.n_in} channel{'s' if data.n_in > 1 else ''}")
     knn_random, knn_s = _knn_before(encoder, data, augs, ckpt)
