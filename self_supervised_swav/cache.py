@@ -22,13 +22,11 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
     from fastai.data.core import DataLoaders
     from fastai.data.transforms import IntToFloatTensor, RandomSplitter
-    from fastai.torch_core import defaults
-    from fastai.vision.augment import Resize, ResizeMethod
     from fastai.vision.core import PILImage, PILImageBW, TensorImage, TensorImageBW
     from fastprogress.fastprogress import progress_bar
 
 from .checks import SettingError
-from .data import open_image
+from .data import default_workers, loader_kwargs, open_image
 
 # %% auto #0
 __all__ = ['DECODER', 'default_cache_dir', 'cache_folder', 'decode_resized', 'cache_fingerprint', 'cache_file',
@@ -49,15 +47,16 @@ def cache_folder(
     return folder
 
 # %% ../nbs/05c_cache.ipynb #k009
-DECODER = "fastai-squish-bilinear-1"   # names `decode_resized`'s output in the fingerprint: change it with the decoding, and old caches rebuild
+DECODER = "decode_image-draft-bilinear-1"   # names `decode_resized`'s output in the fingerprint: change it with the decoding, and old caches rebuild
 
 def decode_resized(
     f: str | Path,  # An image file
     size: int,      # Side of the square result in px
     n_in: int,      # Channels: 1 (gray) or 3 (RGB)
+    max_pixels: int | None = None, # `decode_image`'s pixel limit; None: PIL's
 ) -> np.ndarray:
     "The image of `f` as the folder loader decodes and resizes it (squished to `size` px), as uint8 `[n_in, size, size]`"
-    im = Resize(size, method=ResizeMethod.Squish)(open_image(f, PILImageBW if n_in == 1 else PILImage), split_idx=1)
+    im = open_image(f, PILImageBW if n_in == 1 else PILImage, size=size, max_pixels=max_pixels)   # as `folder_dls` decodes it
     a = np.array(im, dtype=np.uint8)   # a writable copy
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
@@ -117,9 +116,9 @@ def _alive(pid: int) -> bool:
 
 class _Decoded(Dataset):
     "The files decoded by `decode_resized`, as uint8 tensors (a DataLoader's workers decode them in parallel)"
-    def __init__(self, files, size, n_in): self.files, self.size, self.n_in = files, size, n_in
+    def __init__(self, files, size, n_in, max_pixels=None): self.files, self.size, self.n_in, self.max_pixels = files, size, n_in, max_pixels
     def __len__(self): return len(self.files)
-    def __getitem__(self, i): return torch.from_numpy(decode_resized(self.files[i], self.size, self.n_in))
+    def __getitem__(self, i): return torch.from_numpy(decode_resized(self.files[i], self.size, self.n_in, self.max_pixels))
 
 def _progress(batches, n: int, show: bool):
     "`batches`, with fastprogress's bar in a terminal, a plain line every tenth of the images otherwise (as `use_line_progress`)"
@@ -137,8 +136,9 @@ def build_image_cache(
     size: int,                   # Side of the cached images in px
     n_in: int,                   # Channels
     dest: Path,                  # The cache file to write
-    num_workers: int | None = None, # Decoding processes; None: fastai's default (one per core)
+    num_workers: int | None = None, # Decoding processes; None: `default_workers()`
     progress: bool = True,       # Progress bar (terminal) or lines (log)
+    max_pixels: int | None = None, # `decode_image`'s pixel limit; None: PIL's
 ) -> Path:
     "Decode every file once into the uint8 array file `dest` `[n, n_in, size, size]`, written under a temporary name and renamed when complete"
     shape = (len(files), n_in, size, size)
@@ -146,7 +146,7 @@ def build_image_cache(
         if old.name.rsplit("-", 2)[1] == socket.gethostname() and not _alive(int(old.name.rsplit("-", 1)[1])): old.unlink(missing_ok=True)
     check_free_space(dest.parent, int(np.prod(shape)) + 4096)
     tmp = dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    dl = DataLoader(_Decoded(files, size, n_in), batch_size=64, num_workers=defaults.cpus if num_workers is None else num_workers)
+    dl = DataLoader(_Decoded(files, size, n_in, max_pixels), batch_size=64, num_workers=default_workers() if num_workers is None else num_workers)
     try:
         out, i = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), 0
         for b in _progress(dl, len(files), progress): out[i:i + len(b)], i = b.numpy(), i + len(b)
@@ -171,6 +171,7 @@ def image_cache(
     num_workers: int | None = None, # Decoding processes of a build; None: one per core
     progress: bool = True,       # Progress of a build, and a line naming the cache
     poll: float = 0.5,           # Seconds between looks for the file, on the processes that wait for it
+    max_pixels: int | None = None, # `decode_image`'s pixel limit of a build; None: PIL's
 ) -> Path:
     "The cache file of `files`, built if missing (by local rank 0 of each machine; the other processes wait for it)"
     folder = cache_folder(cache)
@@ -180,7 +181,7 @@ def image_cache(
         return dest
     if _local_rank() == 0:
         if progress: print(f"cache: decoding {len(files)} images once at {size} px into {dest}", flush=True)
-        return build_image_cache(files, size, n_in, dest, num_workers, progress)
+        return build_image_cache(files, size, n_in, dest, num_workers, progress, max_pixels)
     while not dest.exists(): time.sleep(poll)   # torchrun stops this process if local rank 0 fails
     return dest
 
@@ -207,13 +208,13 @@ def cached_folder_dls(
     valid_pct: float = 0.2,    # Fraction held out for validation (the kNN queries)
     seed: int = 0,             # Seed of the split
     gray: bool = False,        # One-channel images instead of RGB
-    num_workers: int | None = None, # DataLoader workers (and decoding processes of a build); None: fastai's default
+    num_workers: int | None = None, # DataLoader workers (and decoding processes of a build); None: `default_workers()`
     cache: bool | str | Path = True, # The cache folder; True: `default_cache_dir()`
     progress: bool = True,     # Progress of a build, and a line naming the cache
+    max_pixels: int | None = None, # `decode_image`'s pixel limit of a build; None: PIL's
 ) -> DataLoaders:
     "`folder_dls`'s loaders (same split, labels and batches), reading the images from a cache built once"
-    images = CachedImages(image_cache(path, files, size, 1 if gray else 3, cache, num_workers, progress))
+    images = CachedImages(image_cache(path, files, size, 1 if gray else 3, cache, num_workers, progress, max_pixels=max_pixels))
     block = DataBlock(blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock),
                       get_y=partial(_label, labels) if labels is not None else _unlabelled, splitter=RandomSplitter(valid_pct, seed=seed))
-    kw = {} if num_workers is None else dict(num_workers=num_workers)
-    return block.dataloaders(list(range(len(files))), bs=bs, **kw)
+    return block.dataloaders(list(range(len(files))), bs=bs, **loader_kwargs(num_workers))
