@@ -4,6 +4,7 @@
 
 # %% ../nbs/05d_shards.ipynb #s002
 from __future__ import annotations
+import io
 import json
 import random
 import re
@@ -25,11 +26,10 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastai.data.transforms import IntToFloatTensor
     from fastai.losses import CrossEntropyLossFlat
     from fastai.torch_core import TensorCategory, TensorImage, default_device
-    from fastai.vision.augment import Resize, ResizeMethod
-    from fastai.vision.core import PILImage, PILImageBW, image2tensor
+    from fastai.vision.core import image2tensor
 
 from .checks import SettingError, check_nonnegative, check_positive, first_line
-from .data import folder_images, folder_labels
+from .data import decode_image, folder_images, folder_labels
 from .distributed import DistributedDL
 
 # %% auto #0
@@ -169,10 +169,11 @@ def decode_image_bytes(
     size: int,           # Side of the (squished) result in px
     gray: bool = False,  # One channel instead of RGB
 ) -> TensorImage:
-    "The image as a uint8 `TensorImage` [C, size, size], decoded and resized as the folder loader does"
-    try: im = (PILImageBW if gray else PILImage).create(data)
-    except (OSError, ValueError, SyntaxError) as e: raise OSError(f"cannot read image {name}: {type(e).__name__}: {first_line(e)}") from None
-    return TensorImage(image2tensor(Resize(size, method=ResizeMethod.Squish)(im, split_idx=1)))
+    "The image as a uint8 `TensorImage` [C, size, size], decoded as the folder loader does (`decode_image`: JPEG draft mode, EXIF orientation)"
+    stream = io.BytesIO(data)
+    try: im = decode_image(stream, size, "L" if gray else "RGB")
+    except OSError as e: raise OSError(str(e).replace(repr(str(stream)), name)) from None   # named as the sample of its shard
+    return TensorImage(image2tensor(im))
 
 def decode_sample(sample: dict, size: int, gray: bool = False) -> TensorImage:
     "The image of a WebDataset sample (a dict of bytes by extension), decoded; `OSError` naming the sample and shard if it has none"
