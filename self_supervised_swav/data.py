@@ -193,10 +193,9 @@ def default_workers(cuda: bool | None = None) -> int:
     return min(8, usable_cores() if cuda else usable_cores() - 1)
 
 def loader_kwargs(num_workers: int | None = None, cuda: bool | None = None) -> dict:
-    "`num_workers` (None: `default_workers`), and on a GPU pinned memory and workers kept between epochs"
+    "`num_workers` (None: `default_workers`), and pinned memory on a GPU (no `persistent_workers`: fastai 2.8 starts its workers every epoch anyway)"
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    n = default_workers(cuda) if num_workers is None else num_workers
-    return dict(num_workers=n, pin_memory=cuda, persistent_workers=cuda and n > 0)
+    return dict(num_workers=default_workers(cuda) if num_workers is None else num_workers, pin_memory=cuda)
 
 def folder_dls(
     path: str | Path,          # Root folder
