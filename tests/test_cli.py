@@ -220,7 +220,7 @@ def bad_pretrain_values(tmp: Path) -> dict:
         K=["--K", "-1"], queue_start_pct=["--queue_start_pct", "2"], eps=["--eps", "0"], temp=["--temp", "0"],
         freeze_protos_iters=["--freeze_protos_iters", "-1"], opt=["--opt", "adamw"], wd=["--wd", "-1"], momentum=["--momentum", "1.5"],
         schedule=["--schedule", "step"], warmup_epochs=["--warmup_epochs", "6"], final_lr=["--final_lr", "0"], recipe=["--recipe", "simclr"],
-        jitter_s=["--jitter_s", "-1"], flip_p=["--flip_p", "2"], valid_pct=["--valid_pct", "1"], gray=["--gray=1"], rgb=["--rgb=1"],
+        jitter_s=["--jitter_s", "-1"], flip_p=["--flip_p", "2"], blur_p=["--blur_p", "-0.5"], budget=["--budget", "soon"], valid_pct=["--valid_pct", "1"], gray=["--gray=1"], rgb=["--rgb=1"],
         max_images=["--max_images", "0"], workers=["--workers", "-1"], output=["--output", str(tmp / "a_file" / "out")],
         seed=["--seed", "-1"], fp16=flag_or("fp16", not gpu), bf16=flag_or("bf16", not gpu), channels_last=["--channels_last=1"],
         pretrained=["--pretrained=1"], tensorboard=flag_or("tensorboard", importlib.util.find_spec("tensorboard") is None),
