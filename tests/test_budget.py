@@ -40,19 +40,19 @@ def test_resume_keeps_the_plan(tmp_path):
     with on_checkpoint(0, Interrupted(signal.SIGTERM)): code, _, budget = budget_run(out)
     assert code == 128 + signal.SIGTERM
     planned = json.loads((out / "settings.json").read_text())
+    code, err = run_main(main, "--resume", out, "--budget", "99m")   # another budget is another run
+    assert code == 2 and "--resume" in err and f"--budget {budget}" in err
     code, err = run_main(main, "--resume", out)
     assert code == 0, err
     res = json.loads((out / "swav_pretrain.json").read_text())
     assert res["settings"]["epochs"] == planned["epochs"] and res["settings"]["budget_plan"] == planned["budget_plan"]
     assert len(res["epochs"]) == planned["epochs"]
-    code, err = run_main(main, "--resume", out, "--budget", "99m")   # another budget is another run
-    assert code == 2 and "--resume" in err and f"--budget {budget}" in err
 
 
 def test_budget_errors_are_one_line(tmp_path):
     code, err = run_main(main, "--budget", "20minutes", "--output", tmp_path / "a")
     assert code == 2 and err == "swav_pretrain: error: --budget must be a duration such as 90s, 20m or 1.5h, got '20minutes'\n"
     code, err = run_main(main, *RUN, "--budget", "1s", "--output", tmp_path / "b")
-    assert code == 2 and err.count("\n") == 1 and "--budget: budget 1s is too short for one epoch here" in err and "pass --budget " in err
+    assert code == 2 and err.count("\n") == 1 and "error: --budget 1s is too short for one epoch here" in err and "pass --budget " in err
     code, err = run_main(main, "--budget", "5m", "--epochs", "3", "--output", tmp_path / "c")
     assert code == 2 and "drop --epochs 3" in err
