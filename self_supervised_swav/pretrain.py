@@ -33,6 +33,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.resume import TrainedEpochs
     from self_supervised_swav.modelfile import save_encoder, save_swav_model
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
+    from self_supervised_swav.precision import check_bf16_crop_sizes
     from self_supervised_swav.plots import plot_run, run_history
     from self_supervised_swav.progress import use_line_progress
     from self_supervised_swav.recipe import swav_opt_func
@@ -158,11 +159,14 @@ def _augs(config: PretrainConfig, n_in: int):
                                   max_scales=config.max_scales, recipe=config.recipe, jitter_s=config.jitter_s, flip_p=config.flip_p,
                                   stats=GRAY_STATS if n_in == 1 else imagenet_stats)
 
+def _on_cpu(data: Data) -> bool: return data.dls.device is None or torch.device(data.dls.device).type == "cpu"
+
 def _prepare(config: PretrainConfig) -> tuple[PretrainConfig, nn.Module, Data, list, dict]:
     "(configuration with the `auto` settings chosen for the data, encoder, data, augmentation pipelines, {setting: why})"
     encoder = _encoder(config, _n_in(config))
     data = _load_data(config)
     config, reasons = resolve_auto(config, data.n_train, _n_classes(data), world_rank()[0])
+    if config.bf16 and _on_cpu(data): check_bf16_crop_sizes(encoder, config.crop_sizes, data.n_in, name=config.arch)
     if config.K: check_queue_length(config.K, data.n_train, world_rank()[0])
     return config, encoder, data, _augs(config, data.n_in), reasons
 
