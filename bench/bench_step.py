@@ -24,7 +24,7 @@ import json
 import torch
 
 import harness as H
-from contenders import CLASSES, DEFAULT, Project, add_common_args, available, describe, finish_args, make_images, n_images
+from contenders import BF16, CLASSES, DEFAULT, Project, add_common_args, available, describe, finish_args, in_precision, make_images, n_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,17 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---- speed
 def bench_speed(a: argparse.Namespace) -> list[dict]:
-    names = available([c for c in a.contenders.split(",") if c])
+    names, precisions = available([c for c in a.contenders.split(",") if c]), [p for p in a.precisions.split(",") if p]
     images = make_images(n_images(a), a.img_size, a.seed)
     rows = []
     for mode in [m for m in a.queue_modes.split(",") if m]:
         queue = a.queue if mode == "on" else 0
-        contenders = [CLASSES[n](a, images, queue) for n in names]
+        contenders = [in_precision(CLASSES[n], a, images, queue, n, p) for n in names for p in precisions]
         times = H.run_interleaved(contenders, a.rounds, a.steps, a.warmup, label=f"queue {mode}: ")
         for name, rounds in times.items():
-            ts = H.flat(rounds)
+            ts, suffix = H.flat(rounds), BF16 if name.endswith(BF16) else ""
             ms = H.median_ms(ts)
-            ratios = {f"time_vs_{ref}": H.paired_ratio(rounds, times[ref]) for ref in ("original", "lightly", "floor") if ref in times}
+            ratios = {f"time_vs_{ref}": H.paired_ratio(rounds, times[ref + suffix]) for ref in ("original", "lightly", "floor") if ref + suffix in times}
+            if suffix and name.removesuffix(BF16) in times: ratios["time_vs_fp32"] = H.paired_ratio(rounds, times[name.removesuffix(BF16)])
             rows.append(dict(queue=queue, contender=name, step_ms=ms, img_per_s=1e3 * a.bs / ms, spread_pct=H.spread_pct(ts), **ratios))
     return rows
 
@@ -65,10 +66,11 @@ def report_speed(a: argparse.Namespace, rows: list[dict]):
     print(f"Full SwAV step: {describe(a)}")
     print("Ratios are medians over rounds of the ratio within each round (paired: load changes between rounds cancel).")
     def vs(r, ref, f): return f"{f(r[ref]):.2f}" if ref in r else "-"
+    print("A bf16 contender's ratios are against the others in bf16; its speed-up is against itself in float32.")
     H.print_table(["queue", "contender", "step ms", "images/s", "spread %", "throughput / original's", "throughput / lightly's",
-                   "throughput / floor's"],
+                   "throughput / floor's", "bf16 speed-up"],
                   [[r["queue"] or "off", r["contender"], f"{r['step_ms']:.0f}", f"{r['img_per_s']:.1f}", f"{r['spread_pct']:.0f}",
-                    *(vs(r, f"time_vs_{ref}", lambda x: 1 / x) for ref in ("original", "lightly", "floor"))] for r in rows])
+                    *(vs(r, f"time_vs_{ref}", lambda x: 1 / x) for ref in ("original", "lightly", "floor", "fp32"))] for r in rows])
 
 
 # ---- memory

@@ -53,6 +53,8 @@ def add_common_args(p: argparse.ArgumentParser):
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0: torch's default (all cores). "
                    "1 by default: on a loaded machine 2 OpenMP threads wait on each other and times triple")
     p.add_argument("--channels-last", action="store_true", help="Model and crops in channels_last memory format")
+    p.add_argument("--precisions", default="fp32", help="Comma-separated: fp32 and/or bf16 (autocast, `learn.to_bf16()`); "
+                   "each contender runs in each, the bf16 ones named `NAME bf16`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="Also write the results to this JSON file")
     p.add_argument("--tiny", action="store_true", help="A seconds-long configuration, to check the script runs")
@@ -79,6 +81,22 @@ def describe(a: argparse.Namespace) -> str:
             f"device {a.device}, {torch.get_num_threads()} torch threads on {os.cpu_count()} cores, "
             f"lightly workers {a.workers}{', channels_last' if a.channels_last else ''}; "
             f"median of {a.steps} steps x {a.rounds} interleaved rounds after {a.warmup} warm-up step(s) each")
+
+
+BF16 = " bf16"   # the suffix of a contender's name in bfloat16
+
+
+def in_precision(cls, a: argparse.Namespace, images: Tensor, queue: int, name: str, precision: str):
+    "Contender `cls` built with `a.bf16` set for `precision` (fp32 or bf16), named `name` plus ` bf16` for bf16"
+    if precision not in ("fp32", "bf16"): raise ValueError(f"--precisions: fp32 or bf16, got {precision!r}")
+    c = cls(argparse.Namespace(**vars(a), bf16=precision == "bf16"), images, queue)
+    c.name = name + (BF16 if precision == "bf16" else "")
+    return c
+
+
+def autocast(a: argparse.Namespace):
+    "bfloat16 autocast on the run's device when `a.bf16`, else nothing"
+    return torch.autocast(a.device.type, dtype=torch.bfloat16, enabled=getattr(a, "bf16", False))
 
 
 def lightly_available() -> bool: return importlib.util.find_spec("lightly") is not None
@@ -216,6 +234,9 @@ def fastai_learner(a: argparse.Namespace, images: Tensor, model: nn.Module, swav
     learn = Learner(DataLoaders(dl(), dl(), device=a.device), model, loss_func=_set_by_swav, cbs=cbs,
                     opt_func=partial(OptimWrapper, opt=torch.optim.SGD, momentum=0.9), lr=0.05)
     learn.create_opt()   # now, not in the first fit (whose phases may be timed)
+    if getattr(a, "bf16", False):
+        import self_supervised_swav.precision  # noqa: F401  (Learner.to_bf16 on the learner's device: CPU autocast too)
+        learn.to_bf16()
     return learn, timer
 
 
@@ -325,7 +346,7 @@ class Floor:
     def run(self, n: int) -> list[float]:
         laps = Laps(self.a.device)
         for i in range(n):
-            emb, scores = self.model(self.crops[i % len(self.crops)])
+            with autocast(self.a): emb, scores = self.model(self.crops[i % len(self.crops)])
             F.cross_entropy(scores.float() / 0.1, self.targets[: len(scores)]).backward()
             self.opt.step()
             self.opt.zero_grad()

@@ -15,19 +15,20 @@ encoder is evaluated as trained (a) and after its BatchNorm statistics are recom
 images (a', `recalibrate_bn`). On a GPU (`--device cuda`, the default when there is one) raise `--epochs`.
 """
 from __future__ import annotations
-import argparse, gzip, json, os, platform, time
+import argparse, copy, gzip, json, os, platform, statistics, time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 import fastai.callback.progress  # noqa: F401  (progress bars and the epoch table)
 import fastai.callback.schedule  # noqa: F401  (Learner.fit_one_cycle)
 
 from self_supervised_swav.data import image_tensor_dls
-from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy,
+from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy, knn_accuracy,
                                              linear_probe_accuracy, pipeline_normalization, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
@@ -123,7 +124,13 @@ def main(args):
     model = create_swav_model(encoder, hidden_size=args.hidden_size, projection_size=args.projection_size, n_protos=args.n_protos)
     swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
                 eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
+    if args.time_steps:
+        results["step_speed"] = step_speed(dls, model.to(device), augs, args)
+        write_results(results, args.out)
+        return results
     learn = Learner(dls, model.to(device), cbs=[swav, KNNMonitor(mon.train, mon.valid), PrototypeUsageMonitor()], wd=args.wd)
+    if args.bf16: learn.to_bf16()   # bfloat16 autocast on the learner's device (the CPU too: self_supervised_swav.precision)
+    if args.minutes: args.epochs = results["epochs_in_budget"] = epochs_in(args.minutes, learn, dls, mon, augs, args)
     t, cpu = time.time(), time.process_time()
     learn.fit_one_cycle(args.epochs, args.lr)
     results["pretraining_seconds"] = round(time.time() - t)
@@ -145,6 +152,55 @@ def main(args):
         save_encoder(encoder, args.save_encoder, arch=args.arch, n_in=1)
     write_results(results, args.out)
     return results
+
+
+class BatchTimer(Callback):
+    "Ends the fit after `n` training batches, without validation; `times`: the seconds of each, from the end of the previous"
+    order = 100
+    def __init__(self, n: int = 1): self.n = n
+    def before_fit(self): self.times, self.t = [], time.perf_counter()
+    def after_batch(self):
+        t = time.perf_counter(); self.times.append(t - self.t); self.t = t
+        if len(self.times) >= self.n: raise CancelFitException()
+    def before_validate(self): raise CancelValidException()
+
+
+class Steps:
+    "A harness contender: `run(n)` fits `n` batches of a copy of the run's model, in float32 or bf16, and returns their seconds"
+    def __init__(self, name: str, dls, model, augs, args, bf16: bool):
+        self.name, self.lr, self.timer = name, args.lr, BatchTimer()
+        swav = SWAV(augs, crop_assgn_ids=[0, 1], K=args.K or None, queue_start_pct=args.queue_start_pct, temp=args.temp,
+                    eps=args.eps, freeze_protos_iters=args.freeze_protos_iters)
+        self.learn = Learner(dls, copy.deepcopy(model), cbs=[swav, self.timer], wd=args.wd)
+        if bf16: self.learn.to_bf16()
+    def run(self, n: int) -> list[float]:
+        self.timer.n = n
+        with self.learn.no_bar(), self.learn.no_logging(): self.learn.fit(1, self.lr)
+        return self.timer.times
+
+
+def epochs_in(minutes: float, learn, dls, mon, augs, args, n: int = 12, warmup: int = 3) -> int:
+    "The epochs that fit in `minutes`, from `n` timed training batches of a copy of the run (after `warmup`) and its monitor's kNN"
+    trial, rng = Steps("trial", dls, learn.model, augs, args, args.bf16), torch.get_rng_state()
+    batch_s = statistics.median(trial.run(n + warmup)[warmup:])
+    torch.set_rng_state(rng)
+    t = time.perf_counter(); knn_accuracy(trial.learn.model.encoder, mon.train, mon.valid, tfm=pipeline_normalization(augs))
+    epoch_s = batch_s * len(dls.train) + (time.perf_counter() - t) + 5
+    epochs = max(1, int(minutes * 60 // epoch_s))
+    print(f"budget {minutes} min: {batch_s:.3f} s per batch, about {epoch_s:.0f} s per epoch: {epochs} epochs", flush=True)
+    return epochs
+
+
+def step_speed(dls, model, augs, args) -> dict:
+    "Step times of the run's model in float32 and bf16, interleaved (`harness.run_interleaved`), and the bf16 speed-up"
+    import harness as H
+    steps = [Steps(name, dls, model, augs, args, bf16=name == "bf16") for name in ("fp32", "bf16")]
+    times = H.run_interleaved(steps, args.rounds, args.time_steps, warmup=1)
+    res = {name: dict(step_ms=round(H.median_ms(H.flat(r)), 1), spread_pct=round(H.spread_pct(H.flat(r)))) for name, r in times.items()}
+    res["bf16_speedup"] = round(1 / H.paired_ratio(times["bf16"], times["fp32"]), 3)
+    print(f"step (batch {args.bs}, {torch.get_num_threads()} threads, median of {args.time_steps} steps x {args.rounds} interleaved rounds): "
+          f"float32 {res['fp32']['step_ms']:.0f} ms, bf16 {res['bf16']['step_ms']:.0f} ms, bf16 speed-up {res['bf16_speedup']:.2f}x", flush=True)
+    return res
 
 
 def write_results(results: dict, out: str):
@@ -188,6 +244,12 @@ def parse(argv=None):
     add_encoder_args(p)
     p.add_argument("--bn_recal", type=int, default=60000, help="also evaluate after recomputing BatchNorm statistics on this many full-size training images")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--minutes", type=float, default=0, help="instead of --epochs: the epochs that fit in this many minutes of pretraining, "
+                   "estimated from a few timed batches before the run (on a shared machine the load may change after)")
+    p.add_argument("--time_steps", type=int, default=0, help="only time the training step: this many steps per round, float32 and bf16 "
+                   "interleaved (--rounds rounds), and print the bf16 speed-up; no pretraining")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds of --time_steps")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (learn.to_bf16(): autocast on the CPU too)")
     p.add_argument("--num_crops", type=int, nargs="+", default=[2, 2])
     p.add_argument("--crop_sizes", type=int, nargs="+", default=[28, 14])
     p.add_argument("--min_scales", type=float, nargs="+", default=[0.5, 0.2])

@@ -69,7 +69,7 @@ class PretrainConfig:
     output: str = "swav_output"      # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42                   # Random seed (split, initialisation, augmentations)
     fp16: bool = False               # Mixed precision training in float16 (needs a CUDA GPU)
-    bf16: bool = False               # Mixed precision training in bfloat16 (needs a CUDA GPU)
+    bf16: bool = False               # Mixed precision training in bfloat16 (a GPU, or a CPU: fastest with AVX512-BF16/AMX)
     channels_last: bool = False      # Channels-last memory format (faster convolutions on recent GPUs)
     pretrained: bool = False         # Start from timm's / fastai's pretrained weights (downloads them)
     init: str | None = None          # Start from these weights: the official SwAV release (facebookresearch/swav ResNet-50, then --arch resnet50 --rgb), a torchvision/timm state_dict (encoder only), a file of this library or of self_supervised 1.0.4
@@ -187,8 +187,7 @@ def _together(c: PretrainConfig):
     "The checks that compare fields, or a field with the machine"
     if "auto" not in (c.warmup_epochs, c.epochs) and c.warmup_epochs >= c.epochs:
         raise SettingError("warmup_epochs", f"warmup_epochs {c.warmup_epochs} must be below --epochs {c.epochs}: the cosine part of the schedule needs epochs too")
-    for name in ("fp16", "bf16"):
-        if getattr(c, name) and not torch.cuda.is_available(): raise SettingError(name, f"{name} needs a CUDA GPU, and none is available")
+    if c.fp16 and not torch.cuda.is_available(): raise SettingError("fp16", "fp16 needs a CUDA GPU, and none is available: on a CPU pass --bf16")
     if c.cache and c.path is None:
         raise SettingError("cache", "cache decodes the images of --path once; the embedded digits are already in memory: pass --path or drop --cache")
     if c.fp16 and c.bf16: raise SettingError("bf16", "fp16 and --bf16 exclude each other: pass one of them")

@@ -205,3 +205,16 @@ def test_bench_decode(run_main):
 def test_bench_cache(run_main):
     rows = dict(table_rows(run_main("bench_cache.py", lightly_rows=False)))
     assert rows["images (training)"] == "10" and float(rows["epoch time, cache / decode (paired)"]) > 0
+
+
+def test_bench_step_bf16_rows(capsys):
+    "`--precisions fp32,bf16`: every contender also in bf16 (CPU autocast), with its speed-up over itself in float32 (crops of the CPU config: 32 px is bf16-safe for resnet18)"
+    import bench_step
+    threads = torch.get_num_threads()
+    try: bench_step.main(["--bs", "2", "--n-protos", "20", "--hidden", "32", "--steps", "1", "--warmup", "0", "--rounds", "1",
+                          "--queue-modes", "off", "--contenders", "project,floor", "--precisions", "fp32,bf16"])
+    finally: torch.set_num_threads(threads)
+    rows = {r[1]: r for r in table_rows(capsys.readouterr().out)}
+    assert set(rows) == {"project", "floor", "project bf16", "floor bf16"}
+    assert float(rows["project bf16"][-1]) > 0 and rows["project"][-1] == "-"
+    assert float(rows["project bf16"][-2]) > 0   # against the floor in bf16

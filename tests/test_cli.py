@@ -117,7 +117,8 @@ def bad_inputs(root: Path) -> list:
         (["--jitter_s", "-1"], "--jitter_s"),
         (["--eps", "0"], "--eps must be a number > 0"),
         (["--workers", "-1"], "--workers"),
-    ] + ([] if torch.cuda.is_available() else [(["--fp16"], "--fp16 needs a CUDA GPU")])
+    ] + ([] if torch.cuda.is_available() else [(["--fp16"], "--fp16 needs a CUDA GPU"),
+                                               (["--bf16", "--crop_sizes", "16", "8"], "--bf16 on CPU: resnet10t gets 1x1 maps")])
 
 
 def as_kwargs(args: list) -> dict:
@@ -227,7 +228,9 @@ def bad_pretrain_values(tmp: Path) -> dict:
         jitter_s=["--jitter_s", "-1"], flip_p=["--flip_p", "2"], blur_p=["--blur_p", "-0.5"], budget=["--budget", "soon"], valid_pct=["--valid_pct", "1"],
         gray=["--gray=1"], rgb=["--rgb=1"], max_images=["--max_images", "0"], workers=["--workers", "-1"], cache=["--cache"],
         output=["--output", str(tmp / "a_file" / "out")],
-        seed=["--seed", "-1"], fp16=flag_or("fp16", not gpu), bf16=flag_or("bf16", not gpu), channels_last=["--channels_last=1"],
+        seed=["--seed", "-1"], fp16=flag_or("fp16", not gpu),
+        bf16=["--bf16=1"] if gpu else ["--bf16", "--crop_sizes", "16", "8"],   # on a CPU, crops giving resnet10t 1x1 maps
+        channels_last=["--channels_last=1"],
         pretrained=["--pretrained=1"], tensorboard=flag_or("tensorboard", importlib.util.find_spec("tensorboard") is None),
         wandb=flag_or("wandb", importlib.util.find_spec("wandb") is None), config=["--config", str(tmp / "missing.json")],
         arch_kwargs=["--arch_kwargs", "{drop"], resume=["--resume", str(tmp / "no_run")], overwrite=["--overwrite=1"],
