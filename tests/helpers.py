@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import io
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,3 +151,29 @@ def official_swav_state(arch: str = "resnet18", hidden: int = 64, proj: int = 16
     sd = {f"module.{k}": v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
     sd.update({f"module.projection_head.{k}": v for k, v in head.state_dict().items()})
     return {**sd, "module.prototypes.weight": torch.randn(n_protos, proj)}
+
+
+# ---- what a run computed, apart from what it measured
+TIMING = ("time", "data_wait", "images_s")   # epoch columns measured on the clock: they differ from run to run
+
+
+def computed(epochs: list[dict]) -> list[dict]:
+    "The rows of an epoch table without the columns measured on the clock (`TIMING`)"
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in epochs]
+
+
+def run_epochs(out: Path) -> list[dict]:
+    "The epoch table of a run, from its swav_pretrain.json"
+    return json.loads((out / "swav_pretrain.json").read_text())["epochs"]
+
+
+def run_weights(out: Path) -> dict:
+    "The whole model's weights that a run saved"
+    return torch.load(out / "swav_model.pth", weights_only=True)["model"]
+
+
+def assert_same_run(out: Path, full: Path):
+    "The run in `out` ended with the weights and the last epoch's figures of the run in `full`, to the bit"
+    a, b = run_weights(full), run_weights(out)
+    for k in a: torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+    for key in ("valid_loss", "knn_top1", "protos_used"): assert run_epochs(out)[-1][key] == run_epochs(full)[-1][key], key

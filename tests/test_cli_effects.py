@@ -22,7 +22,7 @@ from fastai.learner import Learner
 from PIL import Image
 from torch.utils.data import dataloader
 
-from helpers import digits_folder, on_checkpoint, run_main
+from helpers import computed, digits_folder, on_checkpoint, run_main
 from self_supervised_swav.checkpoint import Interrupted
 from self_supervised_swav.cli import main
 from self_supervised_swav.modelfile import load_pretrained_encoder
@@ -48,9 +48,9 @@ class Run:
     workers: list[int] = field(default_factory=list)           # num_workers of each multi-process DataLoader iterator
 
     def history(self) -> list[dict]:
-        "The rows of history.csv, without the timings of each epoch (time, data wait, images/s; nor the header that a resumed run writes again)"
+        "The rows of history.csv, without the timings of each epoch (`helpers.TIMING`; nor the header that a resumed run writes again)"
         with open(self.out / "history.csv") as f:
-            return [{k: v for k, v in r.items() if k not in ("time", "data_wait", "images_s")} for r in csv.DictReader(f) if r["epoch"] != "epoch"]
+            return computed(r for r in csv.DictReader(f) if r["epoch"] != "epoch")
     def losses(self) -> list[float]: return [float(r["train_loss"]) for r in self.history()]
     def encoder(self) -> dict: return torch.load(self.out / "encoder.pth", weights_only=True)["encoder"]
     def model(self) -> dict: return torch.load(self.out / "swav_model.pth", weights_only=True)["model"]

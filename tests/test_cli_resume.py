@@ -16,29 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TESTS, child_env, on_checkpoint, run_main
+from helpers import TESTS, assert_same_run, child_env, on_checkpoint, run_epochs, run_main
 from self_supervised_swav.checkpoint import Interrupted, read_checkpoint
 from self_supervised_swav.cli import main
 
 RUN = ["--max_images", 200, "--size", 16, "--crop_sizes", 16, 8, "--bs", 40, "--n_protos", 10, "--epochs", 3, "--K", 80,
        "--queue_start_pct", 0.3]   # 4 batches an epoch
 SIGNALLED = TESTS / "scripts" / "signalled_pretrain.py"
-
-
-def epochs(out: Path) -> list[dict]:
-    "The epoch table of a run, from its swav_pretrain.json"
-    return json.loads((out / "swav_pretrain.json").read_text())["epochs"]
-
-
-def weights(out: Path) -> dict:
-    return torch.load(out / "swav_model.pth", weights_only=True)["model"]
-
-
-def assert_same_run(out: Path, full: Path):
-    "The run in `out` ended with the weights and the last epoch's figures of the run in `full`, to the bit"
-    a, b = weights(full), weights(out)
-    for k in a: torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
-    for key in ("valid_loss", "knn_top1", "protos_used"): assert epochs(out)[-1][key] == epochs(full)[-1][key], key
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +43,7 @@ def test_resume_after_sigterm_equals_uninterrupted_run(full_run, tmp_path):
     assert msg.startswith("swav_pretrain: stopped by SIGTERM") and "after epoch 2" in msg and f"swav_pretrain --resume {out}" in msg
     assert read_checkpoint(out / "checkpoint.pth")["epoch"] == 1 and (out / "encoder.pth").exists()
     assert run_main(main, "--resume", out)[0] == 0
-    assert [e["epoch"] for e in epochs(out)] == [0, 1, 2]                    # the CSV log continues, without the skipped epochs
+    assert [e["epoch"] for e in run_epochs(out)] == [0, 1, 2]                    # the CSV log continues, without the skipped epochs
     lines = (out / "history.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,") and not any(l.startswith("epoch,") for l in lines[1:])   # one header
     assert_same_run(out, full_run)
@@ -117,7 +101,7 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_uninterrupted_run(full_run, t
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert read_checkpoint(out / "checkpoint.pth")["epoch"] == 0 and not (out / "swav_pretrain.json").exists()
     assert run_main(main, "--resume", out)[0] == 0          # here: as many torch threads as the child (`child_env`), the same rounding
-    assert [e["epoch"] for e in epochs(out)] == [0, 1, 2]
+    assert [e["epoch"] for e in run_epochs(out)] == [0, 1, 2]
     assert_same_run(out, full_run)
 
 

@@ -30,8 +30,7 @@ from self_supervised_swav.data import digits_images, image_tensor_dls
 from self_supervised_swav.precision import DeviceMixedPrecision, learner_device
 from self_supervised_swav.swav import SWAV, sinkhorn_knopp, swav_codes, swav_loss
 import helpers
-from helpers import resnet_swav_model, run_main, tiny_pipelines
-from test_cli_resume import assert_same_run
+from helpers import assert_same_run, resnet_swav_model, run_main, tiny_pipelines
 
 CROP_IDS = [0, 1]
 
