@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import TESTS, assert_same_run, child_env, on_checkpoint, run_epochs, run_main
 from self_supervised_swav.checkpoint import Interrupted, read_checkpoint
