@@ -31,7 +31,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.config import PretrainConfig, arch_kwargs, changed_settings, given_settings, in_use, resolve_auto, with_file
     from self_supervised_swav.datastats import embedded_stats, folder_stats, machine_info, swav_batch_probe
     from self_supervised_swav.budget import BudgetPlan, budget_plan, fmt_duration, parse_duration, time_steps
-    from self_supervised_swav.shards import ShardTrainer, is_shard_spec, shard_loaders
+    from self_supervised_swav.shards import ShardTrainer, is_shard_spec, shard_loaders, shard_stats
     from self_supervised_swav.cache import cached_folder_dls
     from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
@@ -184,7 +184,9 @@ def _augs(config: PretrainConfig, n_in: int):
 
 def _resolve(config: PretrainConfig) -> tuple[PretrainConfig, dict]:
     "The `auto` settings chosen from a sample of the data (its headers) and the machine"
-    with image_errors(): stats = embedded_stats(config.max_images) if config.path is None else folder_stats(config.path, config.max_images)
+    with image_errors():
+        if config.path is None: stats = embedded_stats(config.max_images)
+        else: stats = shard_stats(config.path) if is_shard_spec(config.path) else folder_stats(config.path, config.max_images)
     machine = machine_info()
     probe = swav_batch_probe(1 if stats.channels == 1 and not config.rgb or config.gray else 3) if machine.device == "cuda" and config.bs == "auto" else None
     if config.budget and config.epochs != "auto" and not config.resume:
@@ -238,8 +240,8 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
     "SWAV, the monitors, the CSV log and the checkpoint"
     cbs = [SWAV(augs, crop_assgn_ids=[0, 1], K=config.K or None, queue_start_pct=config.queue_start_pct, temp=config.temp, eps=config.eps,
                 freeze_protos_iters=config.freeze_protos_iters),
-           PrototypeUsageMonitor(), DataWait(), TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)),
-           RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
+           PrototypeUsageMonitor(), DataWait(), RunCheckpoint(out / RUN_FILES["checkpoint"], settings)]
+    if is_main_process(): cbs.append(TrainedEpochsCSV(RUN_FILES["history"], append=bool(config.resume)))   # one writer of history.csv
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(*data.knn_dls(1), recalibrate_bn=True))
     if data.knn_sets: cbs.append(ShardTrainer())   # the epoch and the device of the tar shards' stream

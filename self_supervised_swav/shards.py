@@ -8,6 +8,7 @@ import io
 import json
 import random
 import re
+import statistics
 import tarfile
 import warnings
 import zlib
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fastcore.basics import patch
+from PIL import Image
 
 from torch.utils.data import IterableDataset, get_worker_info
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the commands' output clean
@@ -30,12 +32,14 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
 from .checks import SettingError, check_nonnegative, check_positive, first_line
 from .data import decode_image, folder_images, folder_labels
+from .datastats import GRAY_MODES, DataStats
 from .distributed import DistributedDL
 
 # %% auto #0
 __all__ = ['IMAGE_EXTS', 'is_shard_spec', 'shard_files', 'index_path', 'ShardsConfig', 'folder_to_shards', 'read_index',
-           'shard_labels', 'shard_sizes', 'held_out', 'decode_image_bytes', 'decode_sample', 'sample_label',
-           'ShardSamples', 'ShardDL', 'ShardTrainer', 'ShardData', 'shard_loaders']
+           'shard_labels', 'shard_sizes', 'held_out', 'decode_image_bytes', 'decode_sample', 'sample_image',
+           'sample_label', 'ShardSamples', 'read_shards', 'ShardDL', 'ShardTrainer', 'ShardData', 'shard_loaders',
+           'shard_stats']
 
 # %% ../nbs/05d_shards.ipynb #s006
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")   # the image files a sample may hold
@@ -177,12 +181,17 @@ def decode_image_bytes(
 
 def decode_sample(sample: dict, size: int, gray: bool = False) -> TensorImage:
     "The image of a WebDataset sample (a dict of bytes by extension), decoded; `OSError` naming the sample and shard if it has none"
+    name, ext = sample_image(sample)
+    return decode_image_bytes(sample[ext], name, size, gray)
+
+def sample_image(sample: dict) -> tuple[str, str]:
+    "(the sample's name in errors, the extension of its image); `OSError` naming the sample and shard if it has none"
     name = f"{sample.get('__key__')!r} of shard {sample.get('__url__')!r}"
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         has = ", ".join("." + k for k in sample if not k.startswith("__")) or "no files"
         raise OSError(f"cannot read image {name}: the sample has no image ({has}); expected one of {', '.join('.' + e for e in IMAGE_EXTS[:4])}, ...")
-    return decode_image_bytes(sample[ext], name, size, gray)
+    return name, ext
 
 def sample_label(sample: dict, vocab: dict | None = None) -> int:
     "The class of a sample: its `.cls` number, or its `.txt` name's index in `vocab`; -1 without one"
@@ -232,7 +241,7 @@ class ShardSamples(IterableDataset):
         n_workers, w = (info.num_workers, info.id) if info is not None else (1, 0)
         if self.keys is not None:
             wanted = set(self.keys)
-            mine = (s for j, s in enumerate(s for s in self._read(self.files) if s["__key__"] in wanted) if (j // self.bs) % n_workers == w)
+            mine = (s for j, s in enumerate(s for s in read_shards(self.files) if s["__key__"] in wanted) if (j // self.bs) % n_workers == w)
             return map(self._item, mine)
         steps = self.n // self.bs
         share = (steps // n_workers + (w < steps % n_workers)) * self.bs
@@ -247,7 +256,7 @@ def reader_samples(self: ShardSamples, reader: int, readers: int) -> Iterator[di
     mine = files[reader::readers] if split else files
     for p in count():
         order = mine if p == 0 else random.Random(f"{self.seed}:{self.epoch}:{reader}:{p}").sample(mine, len(mine))
-        samples = (s for s in self._read(order) if not held_out(s["__key__"], self.valid_pct))
+        samples = (s for s in read_shards(order) if not held_out(s["__key__"], self.valid_pct))
         if not split: samples = islice(samples, reader, None, readers)
         n = 0
         for s in _shuffled(samples, self.buffer, random.Random(f"{self.seed}:{self.epoch}:{reader}:{p}")):
@@ -256,8 +265,7 @@ def reader_samples(self: ShardSamples, reader: int, readers: int) -> Iterator[di
         if n == 0: raise OSError(f"cannot read image: the shards of reader {reader} of {readers} ({', '.join(map(str, mine))}) "
                                  "hold no training samples (all held out by --valid_pct?)")
 
-@patch
-def _read(self: ShardSamples, files: list[Path]) -> Iterator[dict]:
+def read_shards(files: list[Path]) -> Iterator[dict]:
     "The samples of `files`, in order: dicts of bytes by extension, with `__key__` and `__url__`"
     tarit = _webdataset().tariterators
     for f in files:
@@ -352,3 +360,26 @@ def shard_loaders(
     what = f"{len(classes)} classes" if labelled else "no labels"
     return ShardData(dls, dl(ShardSamples(used, keys=bank, **kw)), labelled, len(classes) if labelled else None,
                      f"shards {spec!r} ({len(files)} shards, {total} samples), {what}, epochs of {epoch_samples} samples, resized to {size} px")
+
+# %% ../nbs/05d_shards.ipynb #ead95b97
+def _header(sample: dict) -> tuple[int, int, str]:
+    "(width, height, mode) of a sample's image, from its header"
+    try:
+        name, ext = sample_image(sample)
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im: return (*im.size, im.mode)
+        except (ValueError, SyntaxError, Image.UnidentifiedImageError) as e: raise OSError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
+    except OSError as e: raise SettingError("path", str(e)) from None
+
+def shard_stats(
+    spec: str,          # Shard pattern: 'shards/train-{0000..0099}.tar'
+    n_sample: int = 200, # Image headers read, from the first samples
+) -> DataStats:
+    "The count, typical size, channels and classes of the images of the shards `spec` (for `auto`)"
+    files = shard_files(spec)
+    heads = [_header(s) for s in islice(read_shards(files), n_sample)]
+    if not heads: raise SettingError("path", f"path {spec!r}: the shards hold no samples")
+    shorts = [min(w, h) for w, h, _ in heads]
+    classes = read_index(spec).get("classes")
+    return DataStats(n_images=sum(shard_sizes(files, spec)), short_side=int(statistics.median_low(shorts)), min_short_side=min(shorts),
+                     channels=1 if all(m in GRAY_MODES for _, _, m in heads) else 3, n_classes=len(classes) if classes else None)
