@@ -20,7 +20,6 @@ from .augmentations import MultiCrop, get_batch_augs, show_crops
 from .checks import SettingError, check_choice, check_in_range, check_nonnegative, check_positive, check_same_length
 from .evaluation import pipeline_normalization
 from .layers import check_encoder_input_size, create_mlp_module, encoder_feature_dim
-import self_supervised_swav.precision  # noqa: F401  (learn.to_bf16() on the learner's device: bf16 autocast on a CPU too)
 from .distributed import is_distributed, world_rank
 from .resume import RandomStateHolder, ResumeRandomState, attach_state
 from .swav_state import IterationCounter, SwAVQueue, _float32, attach_swav_state

@@ -109,12 +109,13 @@ def read_init_from(state: dict):
         return read_init(Path(d) / "w.pth")
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
-def test_init_from_a_resnet_state_dict_is_the_encoder_only(source):
+def test_init_from_a_resnet_state_dict_is_the_encoder_only(source, arch):
     import timm
-    sd = torchvision.models.resnet18().state_dict() if source == "torchvision" else timm.create_model("resnet18", pretrained=False).state_dict()
+    sd = getattr(torchvision.models, arch)().state_dict() if source == "torchvision" else timm.create_model(arch, pretrained=False).state_dict()
     init = read_init_from(sd)
-    model = create_swav_model(create_encoder("resnet18", pretrained=False), n_protos=8)
+    model = create_swav_model(create_encoder(arch, pretrained=False), n_protos=8)
     assert "projector and prototypes start random" in init_swav_model(model, init)
     assert torch.equal(model.encoder.layer1[0].conv1.weight, sd["layer1.0.conv1.weight"])
 
