@@ -12,9 +12,11 @@ import sys
 import time
 import warnings
 from functools import partial
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
+from fastcore.meta import delegates
 import torch
 from torch.utils.data import DataLoader, Dataset
 with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.script at import: keep the commands' output clean
@@ -26,7 +28,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastprogress.fastprogress import progress_bar
 
 from .checks import SettingError
-from .data import default_workers, loader_kwargs, open_image
+from .data import default_workers, folder_dls, loader_kwargs, open_image
 
 # %% auto #0
 __all__ = ['DECODER', 'default_cache_dir', 'cache_folder', 'decode_resized', 'cache_fingerprint', 'cache_file',
@@ -199,22 +201,16 @@ class CachedImages:
 def _unlabelled(i) -> str: return "none"
 def _label(labels: list[str], i) -> str: return labels[i]
 
-def cached_folder_dls(
-    path: str | Path,          # Root folder
-    files: list[Path],         # Its image files
-    labels: list[str] | None,  # Class of each file, or None
-    size: int,                 # Side of the (square) images in px
-    bs: int,                   # Batch size
-    valid_pct: float = 0.2,    # Fraction held out for validation (the kNN queries)
-    seed: int = 0,             # Seed of the split
-    gray: bool = False,        # One-channel images instead of RGB
-    num_workers: int | None = None, # DataLoader workers (and decoding processes of a build); None: `default_workers()`
+@delegates(folder_dls)
+def cached_folder_dls(path: str | Path, files: list[Path], labels: list[str] | None, size: int, bs: int,   # as `folder_dls`
     cache: bool | str | Path = True, # The cache folder; True: `default_cache_dir()`
     progress: bool = True,     # Progress of a build, and a line naming the cache
-    max_pixels: int | None = None, # `decode_image`'s pixel limit of a build; None: PIL's
+    **kwargs,                  # The other options of `folder_dls` (split, channels, workers, which also decode a build, pixel limit)
 ) -> DataLoaders:
     "`folder_dls`'s loaders (same split, labels and batches), reading the images from a cache built once"
-    images = CachedImages(image_cache(path, files, size, 1 if gray else 3, cache, num_workers, progress, max_pixels=max_pixels))
+    kw = {k: p.default for k, p in signature(folder_dls).parameters.items() if p.default is not p.empty} | kwargs
+    images = CachedImages(image_cache(path, files, size, 1 if kw["gray"] else 3, cache, kw["num_workers"], progress, max_pixels=kw["max_pixels"]))
     block = DataBlock(blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock),
-                      get_y=partial(_label, labels) if labels is not None else _unlabelled, splitter=RandomSplitter(valid_pct, seed=seed))
-    return block.dataloaders(list(range(len(files))), bs=bs, **loader_kwargs(num_workers))
+                      get_y=partial(_label, labels) if labels is not None else _unlabelled,
+                      splitter=RandomSplitter(kw["valid_pct"], seed=kw["seed"]))
+    return block.dataloaders(list(range(len(files))), bs=bs, **loader_kwargs(kw["num_workers"]))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
+from fastcore.basics import patch
 
 from .budget import parse_duration
 from .checks import (SettingError, check_choice, check_in_range, check_nonnegative, check_positive,
@@ -88,10 +89,14 @@ class PretrainConfig:
             if getattr(self, name) is not None: setattr(self, name, auto_number(name, getattr(self, name), kind))   # None: size, workers
         check_config(self)
 
-    def replace(self, **changes) -> PretrainConfig:
-        "A new, checked configuration with `changes`"
-        return dataclasses.replace(self, **changes)
-    def as_dict(self) -> dict: return dataclasses.asdict(self)
+# %% ../nbs/05b_config.ipynb #6c2be3e9
+@patch
+def replace(self: PretrainConfig, **changes) -> PretrainConfig:
+    "A new, checked configuration with `changes`"
+    return dataclasses.replace(self, **changes)
+
+@patch
+def as_dict(self: PretrainConfig) -> dict: return dataclasses.asdict(self)
 
 # %% ../nbs/05b_config.ipynb #c008
 def _kinds(cls) -> dict[str, Any]: return get_type_hints(cls)

@@ -117,6 +117,8 @@ class Data:
         "(bank, queries) of the kNN monitor: the shards' own, or random subsets of the training and validation images"
         return self.knn_sets or (_subset_dl(self.dls.train, 5000, seed), _subset_dl(self.dls.valid, 1000, seed))
 
+
+# %% ../nbs/06a_pretrain.ipynb #3c5504c9
 def _n_in(config: PretrainConfig) -> int: return 1 if (config.gray or (config.path is None and not config.rgb)) else 3
 
 def _load_data(config: PretrainConfig) -> Data:
@@ -134,7 +136,7 @@ def _load_data(config: PretrainConfig) -> Data:
     labels = folder_labels(config.path, files)
     load = partial(cached_folder_dls, cache=config.cache) if config.cache else folder_dls   # the same loaders, decoded once (`cache`)
     with image_errors():   # fastai opens a first image to set the loaders up; a cache build decodes them all
-        dls = load(config.path, files, labels, size, config.bs, config.valid_pct, config.seed, gray=config.gray, num_workers=config.workers,
+        dls = load(config.path, files, labels, size, config.bs, valid_pct=config.valid_pct, seed=config.seed, gray=config.gray, num_workers=config.workers,
                    max_pixels=config.max_pixels)
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return _check_batch(config, Data(dls, labels is not None, f"folder {str(config.path)!r}, {what}, resized to {size} px", n_in))
