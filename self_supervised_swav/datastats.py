@@ -14,8 +14,8 @@ import torch
 from .data import folder_images, folder_labels, image_header
 
 # %% auto #0
-__all__ = ['GRAY_MODES', 'DataStats', 'embedded_stats', 'folder_stats', 'Machine', 'cpu_cores', 'machine_info', 'largest_batch',
-           'cuda_step_fits', 'swav_batch_probe']
+__all__ = ['GRAY_MODES', 'DataStats', 'embedded_stats', 'folder_stats', 'headers_stats', 'Machine', 'cpu_cores', 'machine_info',
+           'largest_batch', 'cuda_step_fits', 'swav_batch_probe']
 
 # %% ../nbs/05e_datastats.ipynb #ds005
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")   # PIL modes of single-channel images (16-bit and float included)
@@ -47,12 +47,18 @@ def folder_stats(
     "The count, typical size, channels and classes of the images of `path`, from the headers of a sample"
     files = folder_images(path)[:max_images]
     sample = files[::max(1, len(files) // n_sample)][:n_sample]
-    heads = [image_header(f) for f in sample]
-    shorts = [min(w, h) for w, h, _ in heads]
     labels = folder_labels(path, files)
-    return DataStats(n_images=len(files), short_side=int(statistics.median_low(shorts)), min_short_side=min(shorts),
-                     channels=1 if all(m in GRAY_MODES for _, _, m in heads) else 3,
-                     n_classes=len(set(labels)) if labels else None)
+    return headers_stats([image_header(f) for f in sample], len(files), len(set(labels)) if labels else None)
+
+def headers_stats(
+    heads: list[tuple[int, int, str]], # (width, height, PIL mode) of the sampled images
+    n_images: int,                     # Images the run uses
+    n_classes: int | None,             # Classes, None without labels
+) -> DataStats:
+    "The `DataStats` of a sample of image headers: typical and smallest short side, one channel when every image is gray"
+    shorts = [min(w, h) for w, h, _ in heads]
+    return DataStats(n_images=n_images, short_side=int(statistics.median_low(shorts)), min_short_side=min(shorts),
+                     channels=1 if all(m in GRAY_MODES for _, _, m in heads) else 3, n_classes=n_classes)
 
 # %% ../nbs/05e_datastats.ipynb #ds012
 @dataclass

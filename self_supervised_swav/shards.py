@@ -8,7 +8,6 @@ import io
 import json
 import random
 import re
-import statistics
 import tarfile
 import warnings
 import zlib
@@ -32,7 +31,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 
 from .checks import SettingError, check_nonnegative, check_positive, first_line
 from .data import decode_image, folder_images, folder_labels
-from .datastats import GRAY_MODES, DataStats
+from .datastats import DataStats, headers_stats
 from .distributed import DistributedDL
 
 # %% auto #0
@@ -379,7 +378,5 @@ def shard_stats(
     files = shard_files(spec)
     heads = [_header(s) for s in islice(read_shards(files), n_sample)]
     if not heads: raise SettingError("path", f"path {spec!r}: the shards hold no samples")
-    shorts = [min(w, h) for w, h, _ in heads]
     classes = read_index(spec).get("classes")
-    return DataStats(n_images=sum(shard_sizes(files, spec)), short_side=int(statistics.median_low(shorts)), min_short_side=min(shorts),
-                     channels=1 if all(m in GRAY_MODES for _, _, m in heads) else 3, n_classes=len(classes) if classes else None)
+    return headers_stats(heads, sum(shard_sizes(files, spec)), len(classes) if classes else None)
