@@ -65,7 +65,7 @@ class BudgetPlan:
     def images_per_s(self) -> float: return self.bs / self.step_s
     @property
     def expected_s(self) -> float: return self.spent_s + self.epochs * self.epoch_s + self.end_s
-    def as_dict(self) -> dict: return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+    def as_dict(self) -> dict: return asdict(self)   # full precision: the plan re-made from settings.json has the same epochs
     def smallest_budget(self) -> float: return (self.spent_s + self.epoch_s + self.end_s) / (1 - MARGIN)
     def describe(self) -> str:
         return (f"budget {fmt_duration(self.budget_s)}: {self.epochs} epochs of {self.iters} iterations at {self.images_per_s:.0f} images/s "
