@@ -28,11 +28,12 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastprogress.fastprogress import progress_bar
 
 from .checks import SettingError
-from .data import default_workers, folder_dls, loader_kwargs, open_image
+from .data import SkipUnreadable, default_workers, folder_dls, loader_kwargs, open_image, unreadable_files
 
 # %% auto #0
 __all__ = ['DECODER', 'default_cache_dir', 'cache_folder', 'decode_resized', 'cache_fingerprint', 'cache_file',
-           'check_free_space', 'build_image_cache', 'image_cache', 'CachedImages', 'cached_folder_dls']
+           'check_free_space', 'unreadable_beside', 'build_image_cache', 'image_cache', 'CachedImages',
+           'cached_folder_dls']
 
 # %% ../nbs/05c_cache.ipynb #k006
 def default_cache_dir() -> Path:
@@ -117,10 +118,20 @@ def _alive(pid: int) -> bool:
     return True
 
 class _Decoded(Dataset):
-    "The files decoded by `decode_resized`, as uint8 tensors (a DataLoader's workers decode them in parallel)"
-    def __init__(self, files, size, n_in, max_pixels=None): self.files, self.size, self.n_in, self.max_pixels = files, size, n_in, max_pixels
+    "The files as uint8 tensors, decoded by `decode` (`decode_resized` with its options; a DataLoader's workers decode them in parallel)"
+    def __init__(self, files, decode): self.files, self.decode = files, decode
     def __len__(self): return len(self.files)
-    def __getitem__(self, i): return torch.from_numpy(decode_resized(self.files[i], self.size, self.n_in, self.max_pixels))
+    def __getitem__(self, i): return torch.from_numpy(self.decode(self.files[i]))
+
+def unreadable_beside(dest: Path) -> Path:
+    "The list of the files a cache build skipped, beside the cache file (`SkipUnreadable`'s lines)"
+    return dest.with_name(dest.name + ".unreadable.txt")
+
+def _keep_unreadable(dest: Path, files: list[Path], skip_log: Path | None):
+    "Copy the skipped files among `files` from the run's `skip_log` to beside `dest`, for the runs that will read the cache"
+    names = set(map(str, files))
+    bad = {f: why for f, why in unreadable_files(skip_log).items() if f in names} if skip_log is not None else {}
+    if bad: unreadable_beside(dest).write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
 
 def _progress(batches, n: int, show: bool):
     "`batches`, with fastprogress's bar in a terminal, a plain line every tenth of the images otherwise (as `use_line_progress`)"
@@ -141,6 +152,7 @@ def build_image_cache(
     num_workers: int | None = None, # Decoding processes; None: `default_workers()`
     progress: bool = True,       # Progress bar (terminal) or lines (log)
     max_pixels: int | None = None, # `decode_image`'s pixel limit; None: PIL's
+    skip_log: Path | None = None, # Skip unreadable files (`SkipUnreadable`: the next file's image in their place), listed here and beside the cache; None: they stop the build
 ) -> Path:
     "Decode every file once into the uint8 array file `dest` `[n, n_in, size, size]`, written under a temporary name and renamed when complete"
     shape = (len(files), n_in, size, size)
@@ -148,15 +160,18 @@ def build_image_cache(
         if old.name.rsplit("-", 2)[1] == socket.gethostname() and not _alive(int(old.name.rsplit("-", 1)[1])): old.unlink(missing_ok=True)
     check_free_space(dest.parent, int(np.prod(shape)) + 4096)
     tmp = dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    dl = DataLoader(_Decoded(files, size, n_in, max_pixels), batch_size=64, num_workers=default_workers() if num_workers is None else num_workers)
+    decode = partial(decode_resized, size=size, n_in=n_in, max_pixels=max_pixels)
+    if skip_log is not None: decode = SkipUnreadable(decode, files, skip_log)
+    dl = DataLoader(_Decoded(files, decode), batch_size=64, num_workers=default_workers() if num_workers is None else num_workers)
     try:
         out, i = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), 0
         for b in _progress(dl, len(files), progress): out[i:i + len(b)], i = b.numpy(), i + len(b)
         out.flush(); del out
+        _keep_unreadable(dest, files, skip_log)   # before the cache appears: a cache file is never without its list
         os.replace(tmp, dest)   # atomic: a cache file is complete or absent
     finally: tmp.unlink(missing_ok=True)
     for old in _siblings(dest, ".npy"):   # earlier caches of this folder, size and channels
-        if old != dest: old.unlink(missing_ok=True)
+        if old != dest: old.unlink(missing_ok=True); unreadable_beside(old).unlink(missing_ok=True)
     return dest
 
 # %% ../nbs/05c_cache.ipynb #k024
@@ -174,17 +189,19 @@ def image_cache(
     progress: bool = True,       # Progress of a build, and a line naming the cache
     poll: float = 0.5,           # Seconds between looks for the file, on the processes that wait for it
     max_pixels: int | None = None, # `decode_image`'s pixel limit of a build; None: PIL's
+    skip_log: Path | None = None, # Skip unreadable files, listed here (a build's own, or those of the build that made the cache)
 ) -> Path:
     "The cache file of `files`, built if missing (by local rank 0 of each machine; the other processes wait for it)"
     folder = cache_folder(cache)
     dest = cache_file(folder, root, files, size, n_in)
     if dest.exists():
         if progress and _local_rank() == 0: print(f"cache: reading {dest}", flush=True)
-        return dest
-    if _local_rank() == 0:
+    elif _local_rank() == 0:
         if progress: print(f"cache: decoding {len(files)} images once at {size} px into {dest}", flush=True)
-        return build_image_cache(files, size, n_in, dest, num_workers, progress, max_pixels)
+        return build_image_cache(files, size, n_in, dest, num_workers, progress, max_pixels, skip_log)
     while not dest.exists(): time.sleep(poll)   # torchrun stops this process if local rank 0 fails
+    if skip_log is not None and unreadable_beside(dest).exists():   # the build's skipped files count in this run too
+        with open(skip_log, "a") as o: o.write(unreadable_beside(dest).read_text())
     return dest
 
 # %% ../nbs/05c_cache.ipynb #k026
@@ -209,7 +226,8 @@ def cached_folder_dls(path: str | Path, files: list[Path], labels: list[str] | N
 ) -> DataLoaders:
     "`folder_dls`'s loaders (same split, labels and batches), reading the images from a cache built once"
     kw = {k: p.default for k, p in signature(folder_dls).parameters.items() if p.default is not p.empty} | kwargs
-    images = CachedImages(image_cache(path, files, size, 1 if kw["gray"] else 3, cache, kw["num_workers"], progress, max_pixels=kw["max_pixels"]))
+    images = CachedImages(image_cache(path, files, size, 1 if kw["gray"] else 3, cache, kw["num_workers"], progress, max_pixels=kw["max_pixels"],
+                                      skip_log=kw["skip_log"]))
     block = DataBlock(blocks=(TransformBlock(type_tfms=images, batch_tfms=IntToFloatTensor), CategoryBlock),
                       get_y=partial(_label, labels) if labels is not None else _unlabelled,
                       splitter=RandomSplitter(kw["valid_pct"], seed=kw["seed"]))

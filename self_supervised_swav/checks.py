@@ -98,7 +98,7 @@ def check_nonnegative(
 # %% ../nbs/00a_checks.ipynb #c024
 def first_line(
     e: BaseException,  # Any exception
-    width: int = 120,  # At most this many characters
+    width: int | None = 120,  # At most this many characters; None: the whole line
 ) -> str:
     "The first non-empty line of `e`'s message (its class name when the message is empty), cut to `width` characters"
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]

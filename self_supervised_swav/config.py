@@ -66,6 +66,7 @@ class PretrainConfig:
     epoch_samples: int | None = None # Samples per epoch with tar shards (all processes together); default: the shards' samples less the held-out share
     cache: str | bool = False        # Decode and resize the --path images once into a file that every epoch and later run reads: --cache alone keeps it in ~/.cache/self_supervised_swav ($XDG_CACHE_HOME), --cache DIR in DIR
     max_pixels: int | None = None    # Largest image (width x height, after JPEG draft decoding) read; default: PIL's limit (about 89 million)
+    max_unreadable: float = 0.01     # Share of the --path images that may be unreadable: each is skipped (the next image in its place) and listed in OUTPUT/unreadable.txt; more stops the run
     budget: str | None = None        # Time for the whole run (e.g. 90s, 20m, 1.5h): the epochs are planned from the speed of the first iterations
     output: str = "swav_output"      # Folder for the run: checkpoint, encoder, whole model, settings, log, plots
     seed: int = 42                   # Random seed (split, initialisation, augmentations)
@@ -135,6 +136,7 @@ def _numbers(c: PretrainConfig):
     if c.workers not in (None, "auto"): check_nonnegative("workers", c.workers, integer=True)
     if c.epoch_samples is not None: check_positive("epoch_samples", c.epoch_samples, integer=True)
     if c.max_pixels is not None: check_positive("max_pixels", c.max_pixels, integer=True)
+    check_in_range("max_unreadable", c.max_unreadable)
     if c.budget is not None: parse_duration(c.budget)
     if c.n_protos != "auto": check_positive("n_protos", c.n_protos, integer=True, minimum=2)
     for name in ("freeze_protos_iters", "K", "warmup_epochs"):

@@ -27,9 +27,10 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
 from .checks import SettingError
 
 # %% auto #0
-__all__ = ['TOO_LARGE', 'GRAY_STATS', 'digits_images', 'ImageTensorDataset', 'image_tensor_dls', 'image_header', 'folder_images',
-           'image_files', 'folder_labels', 'decode_image', 'open_image', 'image_error', 'image_setting_error',
-           'image_errors', 'usable_cores', 'default_workers', 'loader_kwargs', 'folder_dls', 'embedded_dls',
+__all__ = ['TOO_LARGE', 'UNREADABLE', 'GRAY_STATS', 'digits_images', 'ImageTensorDataset', 'image_tensor_dls', 'image_header',
+           'folder_images', 'image_files', 'folder_labels', 'decode_image', 'open_image', 'image_error',
+           'image_setting_error', 'image_errors', 'note_unreadable', 'unreadable_files', 'SkipUnreadable',
+           'usable_cores', 'workers_for', 'default_workers', 'loader_kwargs', 'folder_dls', 'embedded_dls',
            'ImageFiles']
 
 # %% ../nbs/05_data.ipynb #c005
@@ -177,6 +178,41 @@ def image_errors():
         if image_error(e) is None: raise
         raise image_setting_error(e) from None
 
+# %% ../nbs/05_data.ipynb #s101
+UNREADABLE = "unreadable.txt"   # the run's list of skipped files, in its output folder
+
+def note_unreadable(log: str | Path, fn, why: str):
+    "Append `fn` and why it cannot be read to `log` (one line: a short append, whole even from several processes)"
+    Path(log).parent.mkdir(parents=True, exist_ok=True)   # a run's output folder may not exist yet while its loaders are set up
+    with open(log, "a") as o: o.write(f"{fn}\t{' '.join(why.split())}\n")
+
+def unreadable_files(log: str | Path) -> dict[str, str]:
+    "{file: why} of the files `log` lists, in the order first met; empty if there is no log"
+    try: lines = Path(log).read_text().splitlines()
+    except FileNotFoundError: return {}
+    bad = {}
+    for f, _, why in (l.partition("\t") for l in lines if "\t" in l): bad.setdefault(f, why)   # the first why of each file
+    return bad
+
+class SkipUnreadable:
+    "`decode(fn)`; a file that cannot be read is listed in `log` and the next readable file of `files` takes its place"
+    def __init__(self,
+        decode,               # file -> image (e.g. `open_image` with its options)
+        files: list[Path],    # The files in order: the substitute of a file is the next one
+        log: str | Path,      # File that lists the skipped files (`note_unreadable`)
+        tries: int = 20,      # Files tried in turn before the last error is raised
+    ):
+        self.decode, self.files, self.log, self.tries = decode, list(files), Path(log), tries
+        self.index = {str(f): i for i, f in enumerate(self.files)}
+    def __call__(self, fn):
+        i = self.index.get(str(fn))
+        for k in range(self.tries):
+            f = fn if k == 0 or i is None else self.files[(i + k) % len(self.files)]
+            try: return self.decode(f)
+            except OSError as e:
+                if (why := image_error(e)) is None or i is None or k == self.tries - 1: raise
+                note_unreadable(self.log, f, why)
+
 # %% ../nbs/05_data.ipynb #d111
 GRAY_STATS = ([sum(imagenet_stats[0]) / 3], [sum(imagenet_stats[1]) / 3])   # ImageNet statistics, averaged over channels
 
@@ -187,10 +223,13 @@ def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
+def workers_for(cores: int, cuda: bool) -> int:
+    "DataLoader workers for a folder of files on `cores` cores: one per core, at most 8; without a GPU one core is left to the model"
+    return max(0, min(8, cores if cuda else cores - 1))
+
 def default_workers(cuda: bool | None = None) -> int:
-    "DataLoader workers for a folder of files: one per usable core, at most 8; on a CPU-only machine one core is left to the model"
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    return min(8, usable_cores() if cuda else usable_cores() - 1)
+    "`workers_for` this process's usable cores, on this machine's device"
+    return workers_for(usable_cores(), torch.cuda.is_available() if cuda is None else cuda)
 
 def loader_kwargs(num_workers: int | None = None, cuda: bool | None = None) -> dict:
     "`num_workers` (None: `default_workers`), and pinned memory on a GPU (no `persistent_workers`: fastai 2.8 starts its workers every epoch anyway)"
@@ -208,10 +247,12 @@ def folder_dls(
     gray: bool = False,        # One-channel images instead of RGB
     num_workers: int | None = None, # DataLoader workers; None: `default_workers()`
     max_pixels: int | None = None,  # `decode_image`'s pixel limit; None: PIL's
+    skip_log: str | Path | None = None, # Skip unreadable files, listed in this file (`SkipUnreadable`); None: they are errors
 ) -> DataLoaders:
     "`DataLoaders` over the images of a folder, decoded by `decode_image` at `size` px"
     label_of = dict(zip(map(str, files), labels)) if labels is not None else None
     decode = partial(open_image, cls=PILImageBW if gray else PILImage, size=size, max_pixels=max_pixels)
+    if skip_log is not None: decode = SkipUnreadable(decode, files, skip_log)
     block = DataBlock(blocks=(TransformBlock(type_tfms=decode, batch_tfms=IntToFloatTensor), CategoryBlock),
                       get_y=(lambda f: label_of[str(f)]) if label_of else _no_label,
                       splitter=RandomSplitter(valid_pct, seed=seed))

@@ -4,17 +4,16 @@
 
 # %% ../nbs/05e_datastats.ipynb #ds003
 from __future__ import annotations
-import os
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .data import folder_images, folder_labels, image_header
+from .data import folder_images, folder_labels, image_header, usable_cores
 
 # %% auto #0
-__all__ = ['GRAY_MODES', 'DataStats', 'embedded_stats', 'folder_stats', 'headers_stats', 'Machine', 'cpu_cores', 'machine_info',
+__all__ = ['GRAY_MODES', 'DataStats', 'embedded_stats', 'folder_stats', 'headers_stats', 'Machine', 'machine_info',
            'largest_batch', 'cuda_step_fits', 'swav_batch_probe']
 
 # %% ../nbs/05e_datastats.ipynb #ds005
@@ -65,22 +64,17 @@ def headers_stats(
 class Machine:
     "The device a run trains on, as the `auto` rules read it"
     device: str                       # "cuda" or "cpu"
-    cpu_cores: int                    # CPU cores this process may use
+    cpu_cores: int                    # CPU cores this process may use (`data.usable_cores`: shared by torchrun's processes of a node)
     gpu_name: str | None = None       # Name of the CUDA device
     gpu_free_gb: float | None = None  # Free memory of the CUDA device, in GiB
     bf16: bool = False                # bfloat16 is fast here (hook for the precision module; never chosen by `auto` itself)
     def as_dict(self) -> dict: return asdict(self)
 
-def cpu_cores() -> int:
-    "CPU cores this process may use (its affinity, not the machine's count)"
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
-
 def machine_info() -> Machine:
     "The machine this process runs on: CUDA device and its free memory, or the CPU"
-    if not torch.cuda.is_available(): return Machine("cpu", cpu_cores())
+    if not torch.cuda.is_available(): return Machine("cpu", usable_cores())
     free, _ = torch.cuda.mem_get_info()
-    return Machine("cuda", cpu_cores(), torch.cuda.get_device_name(), round(free / 2**30, 1))
+    return Machine("cuda", usable_cores(), torch.cuda.get_device_name(), round(free / 2**30, 1))
 
 # %% ../nbs/05e_datastats.ipynb #ds016
 def largest_batch(

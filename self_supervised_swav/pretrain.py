@@ -33,7 +33,8 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.budget import BudgetPlan, budget_plan, fmt_duration, parse_duration, time_steps
     from self_supervised_swav.shards import ShardTrainer, is_shard_spec, shard_loaders, shard_stats
     from self_supervised_swav.cache import cached_folder_dls
-    from self_supervised_swav.data import GRAY_STATS, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files, image_setting_error
+    from self_supervised_swav.data import (GRAY_STATS, UNREADABLE, embedded_dls, folder_dls, folder_labels, image_error, image_errors, image_files,
+                                           image_setting_error)
     from self_supervised_swav.evaluation import KNNMonitor, PrototypeUsageMonitor, knn_accuracy, pipeline_normalization, recalibrate_bn
     from self_supervised_swav.checkpoint import Interrupted, RunCheckpoint, load_checkpoint, read_checkpoint, stop_on_signals
     from self_supervised_swav.resume import TrainedEpochs
@@ -42,7 +43,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
     from self_supervised_swav.precision import check_bf16_crop_sizes
     from self_supervised_swav.plots import plot_run, run_history
-    from self_supervised_swav.progress import DataWait, use_line_progress
+    from self_supervised_swav.progress import DataWait, UnreadableImages, use_line_progress
     from self_supervised_swav.recipe import swav_opt_func
     from self_supervised_swav.distributed import is_main_process, swav_distrib_ctx, world_rank
     from self_supervised_swav.swav import SWAV, check_queue_length, create_swav_model, get_swav_aug_pipelines
@@ -71,7 +72,7 @@ def _output_folder(config: PretrainConfig) -> Path:
             raise SettingError("output", f"output {str(out)!r} holds a finished run ({RUN_FILES['results']}): pass --overwrite to replace it, or another --output")
         if started and not config.overwrite:
             raise SettingError("output", f"output {str(out)!r} holds an interrupted run: resume it with --resume {out}, or pass --overwrite to start again")
-        for name in RUN_FILES.values():
+        for name in [*RUN_FILES.values(), UNREADABLE]:   # (the list of unreadable images is written only when there are some)
             if (out / name).exists(): (out / name).unlink()
     try: out.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise SettingError("output", f"cannot create --output {str(out)!r}: {e}") from None
@@ -137,7 +138,7 @@ def _load_data(config: PretrainConfig) -> Data:
     load = partial(cached_folder_dls, cache=config.cache) if config.cache else folder_dls   # the same loaders, decoded once (`cache`)
     with image_errors():   # fastai opens a first image to set the loaders up; a cache build decodes them all
         dls = load(config.path, files, labels, size, config.bs, valid_pct=config.valid_pct, seed=config.seed, gray=config.gray, num_workers=config.workers,
-                   max_pixels=config.max_pixels)
+                   max_pixels=config.max_pixels, skip_log=Path(config.output) / UNREADABLE)   # unreadable files skipped and listed (`_callbacks`)
     what = f"{len(set(labels))} classes (sub-folders)" if labels else "no labels (not one sub-folder per class)"
     return _check_batch(config, Data(dls, labels is not None, f"folder {str(config.path)!r}, {what}, resized to {size} px", n_in))
 
@@ -247,6 +248,7 @@ def _callbacks(config: PretrainConfig, data: Data, augs, out: Path, settings: di
     if data.labelled and data.n_valid:   # each epoch's kNN with whole-image BatchNorm statistics, as the saved encoder's
         cbs.append(KNNMonitor(*data.knn_dls(1), recalibrate_bn=True))
     if data.knn_sets: cbs.append(ShardTrainer())   # the epoch and the device of the tar shards' stream
+    elif config.path is not None: cbs.append(UnreadableImages(out / UNREADABLE, data.n_train + data.n_valid, config.max_unreadable))
     return cbs + _loggers(config, out)
 
 def _loggers(config: PretrainConfig, out: Path) -> list:
@@ -297,14 +299,15 @@ def _fit(learn: Learner, config: PretrainConfig, start_epoch: int, out: Path, sa
         raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
     except Exception as e:
         if image_error(e) and not (out / RUN_FILES["checkpoint"]).exists(): raise image_setting_error(e) from None
+        if isinstance(e, SettingError) and not (out / RUN_FILES["checkpoint"]).exists(): raise SettingError(e.param, _own_line(e, None)) from None
         save()
         why = image_error(e) or f"{type(e).__name__}: {_own_line(e)}"
         raise RunStopped("error: " + _stopped(out, f"training stopped ({why})", learn), 1) from None
 
-def _own_line(e: BaseException) -> str:
+def _own_line(e: BaseException, width: int | None = 120) -> str:
     "The first line of `e`'s own message (fastai prefixes errors raised in callbacks with a line naming the callback)"
     lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
-    return first_line(Exception("\n".join(lines[1:] if lines and lines[0].startswith("Exception occured in") else lines)))
+    return first_line(Exception("\n".join(lines[1:] if lines and lines[0].startswith("Exception occured in") else lines)), width)
 
 # %% ../nbs/06a_pretrain.ipynb #p020
 RECALIBRATE_MAX = 10_000   # images the final BatchNorm statistics are computed on (a budget run plans with it)

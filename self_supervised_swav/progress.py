@@ -5,6 +5,7 @@
 # %% ../nbs/09b_progress.ipynb #p003
 from __future__ import annotations
 import sys
+from pathlib import Path
 import time
 import warnings
 
@@ -18,10 +19,11 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastcore.basics import noop
 
 from .checks import SettingError, check_in_range
+from .data import unreadable_files
 from .distributed import is_main_process
 
 # %% auto #0
-__all__ = ['LineProgress', 'use_line_progress', 'DataWait']
+__all__ = ['LineProgress', 'use_line_progress', 'DataWait', 'UnreadableImages']
 
 # %% ../nbs/09b_progress.ipynb #r030
 def _fmt_value(v) -> str:
@@ -127,3 +129,29 @@ class DataWait(Callback):
     def after_fit(self):
         self.learn.metrics = [m for m in self.learn.metrics if all(m is not o for o in self._metrics)]
         if self._ends in self.learn.cbs: self.learn.remove_cb(self._ends)
+
+# %% ../nbs/09b_progress.ipynb #u001
+class UnreadableImages(Callback):
+    "After each epoch, a line on the images that could not be read (`data.SkipUnreadable`'s log); an error once more than `max_share` of them"
+    order = 64   # after the epoch's line, before RunCheckpoint (65)
+    def __init__(self,
+        log: str | Path,          # The list of skipped files (`folder_dls(skip_log=...)`)
+        n_images: int,            # Images of the dataset (training and validation)
+        max_share: float = 0.01,  # Largest share of unreadable images a run goes on with
+        file=None,                # Where to print; None: `sys.stdout` at the time of printing
+    ):
+        self.log, self.n_images, self.file = Path(log), n_images, file
+        self.max_share = check_in_range("max_unreadable", max_share)
+    def before_fit(self): self.reported = set(unreadable_files(self.log))   # a resumed run: met in its earlier epochs
+    def after_epoch(self):
+        bad = unreadable_files(self.log)
+        new = [f for f in bad if f not in self.reported]
+        self.reported.update(new)
+        if new and is_main_process():
+            print(f"unreadable images: {len(new)} skipped in epoch {self.epoch + 1} ({len(bad)} in all, {len(bad) / self.n_images:.2%} "
+                  f"of the images, listed in {self.log}; the next file was used in place of each), e.g. {bad[new[0]]}",
+                  file=self.file or sys.stdout, flush=True)
+        if len(bad) > self.max_share * self.n_images:
+            raise SettingError("max_unreadable", f"max_unreadable: {len(bad)} of the {self.n_images} images ({len(bad) / self.n_images:.1%}) "
+                               f"cannot be read, more than --max_unreadable {self.max_share} allows (listed in {self.log}; the first: "
+                               f"{next(iter(bad.values()))}): fix or remove them, or pass a larger --max_unreadable")

@@ -5,6 +5,7 @@
 # %% ../nbs/09a_suggest.ipynb #s003
 from __future__ import annotations
 
+from .data import workers_for
 from .datastats import DataStats, Machine, largest_batch
 from .checks import SettingError, check_positive
 from .recipe import DEFAULT_WD, check_opt
@@ -144,7 +145,7 @@ def _model(data: DataStats, machine: Machine, crops: dict, n_train: int, batch_p
         bs = (min(rule, cap), f"on CPU the fastest per image for {crop} px crops (128 up to 32 px, 64 up to 128, 32 above)"
               + (f", capped at a quarter of the {n_train} training images" if cap < rule else ""))
     workers = (0, "in memory: no worker processes") if data.embedded else \
-              (min(machine.cpu_cores, 8), f"one per CPU core ({machine.cpu_cores}), at most 8")
+              (workers_for(machine.cpu_cores, gpu), f"one per CPU core ({machine.cpu_cores}), at most 8" + ("" if gpu else ", less one for the model (no GPU)"))
     if data.embedded: epochs = (8, "the embedded demo: about 2 minutes on 2 CPU cores")
     elif gpu: epochs = (100, "the paper's shortest schedule (100 epochs)")
     else:

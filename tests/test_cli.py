@@ -84,6 +84,22 @@ def test_labelled_folder_end_to_end(tmp_path):
     load_encoder(create_encoder("resnet10t", pretrained=False, n_in=3), tmp_path / "out" / "encoder.pth")
 
 
+def test_an_unreadable_file_in_an_epoch_is_skipped_listed_and_counted(tmp_path, capsys):
+    "One truncated file of 60 (its header fine, so only decoding finds it): under --max_unreadable 0.05 the run goes on and says so once; under the default 1 % it stops"
+    from self_supervised_swav.data import unreadable_files
+    root = make_folder(tmp_path / "imgs", classes=None, n=60, sizes=((20, 20),))
+    bad = root / "7.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), workers=1, max_unreadable=0.05, **(TINY | dict(n_protos=4, epochs=2)))
+    out = capsys.readouterr().out
+    assert len(res["epochs"]) == 2 and list(unreadable_files(tmp_path / "out" / "unreadable.txt")) == [str(bad)]
+    assert out.count("unreadable images: 1 skipped in epoch 1 (1 in all, 1.67% of the images") == 1 and "in epoch 2" not in out
+    with pytest.raises(UsageError) as e:   # the default limit, 1 %, stops it at the end of its first epoch
+        swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out2"), workers=0, **(TINY | dict(n_protos=4)))
+    assert "1 of the 60 images (1.7%) cannot be read, more than --max_unreadable 0.01" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out2" / "checkpoint.pth").exists()
+
+
 def test_unlabelled_gray_folder_end_to_end(tmp_path):
     root = make_folder(tmp_path / "imgs", classes=None)
     res = swav_pretrain(path=str(root), bs=4, gray=True, output=str(tmp_path / "out"), workers=1, **(TINY | dict(n_protos=4)))   # one worker
@@ -107,8 +123,8 @@ def bad_inputs(root: Path) -> list:
         (["--path", str(root / "empty")], "no images in"),
         (["--path", str(root / "broken")], "cannot read image"),
         (["--path", str(root / "truncated"), "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"], "cannot read image"),
-        (["--path", str(root / "huge"), "--max_pixels", "10000", "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"],
-         f"--max_pixels: image {str(root / 'huge' / '3.png')!r} is 300x200 px"),
+        (["--path", str(root / "huge"), "--max_pixels", "10000", "--bs", "2", "--n_protos", "2", "--crop_sizes", "16", "8"],   # 1 of 4: over --max_unreadable
+         f"max_pixels: image {str(root / 'huge' / '3.png')!r} is 300x200 px (60000 pixels), over the limit of 10000 pixels: pass --max_pixels 60000"),
         (["--path", str(root / "small"), "--crop_sizes", "24", "12"], "crop size 24 px is larger than the smallest image"),
         (["--size", "20"], "crop size 24 px is larger than the images (--size 20)"),
         (["--max_images", "100", "--bs", "128"], "--bs 128 is larger than the 80 training images"),
@@ -236,7 +252,7 @@ def bad_pretrain_values(tmp: Path) -> dict:
         wandb=flag_or("wandb", importlib.util.find_spec("wandb") is None), config=["--config", str(tmp / "missing.json")],
         arch_kwargs=["--arch_kwargs", "{drop"], resume=["--resume", str(tmp / "no_run")], overwrite=["--overwrite=1"],
         init=["--init", str(tmp / "missing.pth")],
-        epoch_samples=["--epoch_samples", "0"], max_pixels=["--max_pixels", "0"])
+        epoch_samples=["--epoch_samples", "0"], max_pixels=["--max_pixels", "0"], max_unreadable=["--max_unreadable", "1.5"])
 
 
 def one_error_line(command, argv: list, capsys) -> str:
