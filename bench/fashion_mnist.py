@@ -31,6 +31,7 @@ from self_supervised_swav.data import image_tensor_dls
 from self_supervised_swav.evaluation import (KNNMonitor, PrototypeUsageMonitor, extract_features, features_knn_accuracy, knn_accuracy,
                                              linear_probe_accuracy, pipeline_normalization, recalibrate_bn)
 from self_supervised_swav.layers import create_encoder
+import self_supervised_swav.precision  # noqa: F401  (--bf16: Learner.to_bf16 autocasts on the learner's device, the CPU too)
 from self_supervised_swav.swav import SWAV, create_swav_model, get_swav_aug_pipelines
 
 DATA = Path("/usr/share/datasets/fashion-mnist")

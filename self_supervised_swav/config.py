@@ -240,6 +240,8 @@ def resolve_data(config: PretrainConfig, data: DataStats, machine: Machine | Non
     if config.size == "auto" and config.crop_sizes != "auto":
         chosen["size"], why["size"] = None, "the largest of the crop sizes given (smaller images are refused: pass --size to resize them)"
     if not (config.gray or config.rgb): chosen["gray"], why["gray"] = suggested["gray"]
+    if "arch" in auto and config.arch_kwargs is None and suggested["arch_kwargs"][0] is not None:   # options of the arch chosen; given ones win
+        chosen["arch_kwargs"], why["arch_kwargs"] = suggested["arch_kwargs"]
     return config.replace(**chosen), why
 
 def resolve_auto(

@@ -41,7 +41,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from self_supervised_swav.modelfile import InitWeights, init_swav_model, read_init, save_encoder, save_swav_model
     from self_supervised_swav.export import export_run
     from self_supervised_swav.layers import check_encoder_input_size, create_encoder
-    from self_supervised_swav.precision import check_bf16_crop_sizes
+    from self_supervised_swav.precision import check_bf16_crop_sizes, check_cpu_bf16
     from self_supervised_swav.plots import plot_run, run_history
     from self_supervised_swav.progress import DataWait, UnreadableImages, use_line_progress
     from self_supervised_swav.recipe import swav_opt_func
@@ -205,7 +205,7 @@ def _prepare(config: PretrainConfig, init: InitWeights | None = None) -> tuple[P
     config, reasons = _resolve(config)
     encoder = _encoder(config, _n_in(config), (init.pool_type if init is not None else None) or "catavgmax")   # --init: the pooling its encoder had
     data = _load_data(config)
-    if config.bf16 and _on_cpu(data): check_bf16_crop_sizes(encoder, config.crop_sizes, data.n_in, name=config.arch)
+    if config.bf16 and _on_cpu(data): check_bf16_crop_sizes(encoder, config.crop_sizes, data.n_in, name=config.arch); check_cpu_bf16()
     if config.K not in (0, "auto"): check_queue_length(config.K, data.n_train, world_rank()[0])
     return config, encoder, data, _augs(config, data.n_in), reasons
 
