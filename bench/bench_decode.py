@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 import harness as H
+from self_supervised_swav.cache import cached_folder_dls
 from self_supervised_swav.data import decode_image, default_workers, folder_dls, image_tensor_dls, usable_cores
 
 WALLPAPERS = Path("/usr/share/wallpapers")
@@ -139,7 +140,7 @@ def decoded(files: list[Path], size: int) -> torch.Tensor:
 
 
 def train_part(a, files: list[Path]) -> list[dict]:
-    rows, nw = [], default_workers()
+    rows, nw, cache_dir = [], default_workers(), tempfile.mkdtemp(prefix="bench_decode_cache_")
     files = (files * -(-a.n_images // len(files)))[:a.n_images]   # an epoch of many batches: the workers' start is a small part of it
     print(f"\nTraining throughput: one epoch of SwAV (resnet10t, crops 2x S + 2x S/2 px, batch {a.bs}, {len(files)} images, "
           f"valid 20 %) per contender per round, {a.rounds} interleaved rounds; {usable_cores()} cores, default workers {nw}")
@@ -151,6 +152,9 @@ def train_part(a, files: list[Path]) -> list[dict]:
             for w in dict.fromkeys([None] + a.workers):   # the default first; a count equal to the default is measured once more
                 name = f"folder, default ({nw} workers)" if w is None else f"folder, {w} workers"
                 cons.append(Epoch(name, folder_dls(None, files, None, size, a.bs, 0.2, 0, num_workers=w), size, threads, a.bs))
+            with redirect_stdout(io.StringIO()):   # built here, once (not timed): the epochs read it, as `swav_pretrain --cache` does
+                cached = cached_folder_dls(files[0].parent, files, None, size, a.bs, cache=cache_dir, valid_pct=0.2, seed=0)
+            cons.append(Epoch(f"folder, --cache ({nw} workers)", cached, size, threads, a.bs))
             t = H.run_interleaved(cons, a.rounds, 1, label=f"{size} px, {threads} threads ", quiet=a.tiny)
             for c in cons:
                 ips = 1 / H.median_ms(H.flat(t[c.name])) * 1e3

@@ -123,6 +123,10 @@ class _Decoded(Dataset):
     def __len__(self): return len(self.files)
     def __getitem__(self, i): return torch.from_numpy(self.decode(self.files[i]))
 
+def _decode_file(size: int, n_in: int, max_pixels: int | None, f) -> np.ndarray:
+    "`decode_resized` of file `f` (a module-level function, so that a `partial` of it crosses to spawned workers)"
+    return decode_resized(f, size, n_in, max_pixels)
+
 def unreadable_beside(dest: Path) -> Path:
     "The list of the files a cache build skipped, beside the cache file (`SkipUnreadable`'s lines)"
     return dest.with_name(dest.name + ".unreadable.txt")
@@ -160,7 +164,7 @@ def build_image_cache(
         if old.name.rsplit("-", 2)[1] == socket.gethostname() and not _alive(int(old.name.rsplit("-", 1)[1])): old.unlink(missing_ok=True)
     check_free_space(dest.parent, int(np.prod(shape)) + 4096)
     tmp = dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    decode = partial(decode_resized, size=size, n_in=n_in, max_pixels=max_pixels)
+    decode = partial(_decode_file, size, n_in, max_pixels)
     if skip_log is not None: decode = SkipUnreadable(decode, files, skip_log)
     dl = DataLoader(_Decoded(files, decode), batch_size=64, num_workers=default_workers() if num_workers is None else num_workers)
     try:

@@ -194,11 +194,12 @@ def test_semi_supervised_finetune():
 
 
 def test_bench_decode(run_main):
-    "bench_decode --tiny: draft and full decoding, and the folder loader (default workers) against the in-memory floor"
+    "bench_decode --tiny: draft and full decoding, and the folder loader (default workers, and reading the cache) against the in-memory floor"
     rows = table_rows(run_main("bench_decode.py", lightly_rows=False))
     decode, train = [r for r in rows if r[1] in ("full", "draft")], [r for r in rows if r[2] == "memory" or r[2].startswith("folder")]
     assert [r[1] for r in decode] == ["full", "draft"] and all(float(r[2]) > 0 and float(r[3]) > 0 for r in decode)
-    assert [r[2] for r in train][0] == "memory" and train[1][2].startswith("folder, default (") and len(train) == 2
+    assert [r[2] for r in train][0] == "memory" and train[1][2].startswith("folder, default (") and train[2][2].startswith("folder, --cache (")
+    assert len(train) == 3
     assert all(float(r[3]) > 0 and 0 <= float(r[4]) <= 100 and float(r[5]) > 0 for r in train)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from self_supervised_swav.cli import UsageError, cluster_main, main, swav_pretrain
 from self_supervised_swav.clustering import ClusterConfig
 from self_supervised_swav.config import PretrainConfig
-from self_supervised_swav.modelfile import load_encoder
+from self_supervised_swav.modelfile import load_encoder, load_pretrained_encoder
 from self_supervised_swav.layers import create_encoder
 from helpers import computed
 
@@ -81,7 +81,9 @@ def test_labelled_folder_end_to_end(tmp_path):
     res = swav_pretrain(path=str(root), bs=8, output=str(tmp_path / "out"), valid_pct=0.25, workers=0, **(TINY | dict(n_protos=8)))
     assert res["data"]["labelled"] and res["data"]["n_in"] == 3 and res["data"]["n_train"] == 18
     assert res["knn_top1_random"] is not None and res["knn_top1_pretrained"] is not None
-    load_encoder(create_encoder("resnet10t", pretrained=False, n_in=3), tmp_path / "out" / "encoder.pth")
+    _, meta = load_pretrained_encoder(tmp_path / "out" / "encoder.pth")   # rebuilt from what the file records
+    if not torch.cuda.is_available():   # images under 64 px on a CPU: resnet10t at half width (auto's arch_kwargs)
+        assert meta["arch_kwargs"] == {"channels": [32, 64, 128, 256], "stem_width": 16} and "arch_kwargs" in res["settings"]["auto"]
 
 
 def test_an_unreadable_file_in_an_epoch_is_skipped_listed_and_counted(tmp_path, capsys):
