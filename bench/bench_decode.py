@@ -152,9 +152,10 @@ def train_part(a, files: list[Path]) -> list[dict]:
             for w in dict.fromkeys([None] + a.workers):   # the default first; a count equal to the default is measured once more
                 name = f"folder, default ({nw} workers)" if w is None else f"folder, {w} workers"
                 cons.append(Epoch(name, folder_dls(None, files, None, size, a.bs, 0.2, 0, num_workers=w), size, threads, a.bs))
-            with redirect_stdout(io.StringIO()):   # built here, once (not timed): the epochs read it, as `swav_pretrain --cache` does
-                cached = cached_folder_dls(files[0].parent, files, None, size, a.bs, cache=cache_dir, valid_pct=0.2, seed=0)
-            cons.append(Epoch(f"folder, --cache ({nw} workers)", cached, size, threads, a.bs))
+            for w in dict.fromkeys([None] + a.workers):   # the cache is built by the first, once (not timed); the epochs read it
+                with redirect_stdout(io.StringIO()):
+                    cached = cached_folder_dls(files[0].parent, files, None, size, a.bs, cache=cache_dir, valid_pct=0.2, seed=0, num_workers=w)
+                cons.append(Epoch(f"folder, --cache ({nw if w is None else w} workers{', default' if w is None else ''})", cached, size, threads, a.bs))
             t = H.run_interleaved(cons, a.rounds, 1, label=f"{size} px, {threads} threads ", quiet=a.tiny)
             for c in cons:
                 ips = 1 / H.median_ms(H.flat(t[c.name])) * 1e3
