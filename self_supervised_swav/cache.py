@@ -32,7 +32,7 @@ from .data import SkipUnreadable, default_workers, folder_dls, loader_kwargs, op
 
 # %% auto #0
 __all__ = ['DECODER', 'default_cache_dir', 'cache_folder', 'decode_resized', 'cache_fingerprint', 'cache_file',
-           'check_free_space', 'unreadable_beside', 'build_image_cache', 'image_cache', 'CachedImages',
+           'check_free_space', 'build_image_cache', 'unreadable_beside', 'image_cache', 'CachedImages',
            'cached_folder_dls']
 
 # %% ../nbs/05c_cache.ipynb #k006
@@ -123,20 +123,6 @@ class _Decoded(Dataset):
     def __len__(self): return len(self.files)
     def __getitem__(self, i): return torch.from_numpy(self.decode(self.files[i]))
 
-def _decode_file(size: int, n_in: int, max_pixels: int | None, f) -> np.ndarray:
-    "`decode_resized` of file `f` (a module-level function, so that a `partial` of it crosses to spawned workers)"
-    return decode_resized(f, size, n_in, max_pixels)
-
-def unreadable_beside(dest: Path) -> Path:
-    "The list of the files a cache build skipped, beside the cache file (`SkipUnreadable`'s lines)"
-    return dest.with_name(dest.name + ".unreadable.txt")
-
-def _keep_unreadable(dest: Path, files: list[Path], skip_log: Path | None):
-    "Copy the skipped files among `files` from the run's `skip_log` to beside `dest`, for the runs that will read the cache"
-    names = set(map(str, files))
-    bad = {f: why for f, why in unreadable_files(skip_log).items() if f in names} if skip_log is not None else {}
-    if bad: unreadable_beside(dest).write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
-
 def _progress(batches, n: int, show: bool):
     "`batches`, with fastprogress's bar in a terminal, a plain line every tenth of the images otherwise (as `use_line_progress`)"
     if not show: yield from batches; return
@@ -177,6 +163,21 @@ def build_image_cache(
     for old in _siblings(dest, ".npy"):   # earlier caches of this folder, size and channels
         if old != dest: old.unlink(missing_ok=True); unreadable_beside(old).unlink(missing_ok=True)
     return dest
+
+# %% ../nbs/05c_cache.ipynb #k018a
+def _decode_file(size: int, n_in: int, max_pixels: int | None, f) -> np.ndarray:
+    "`decode_resized` of file `f` (a module-level function, so that a `partial` of it crosses to spawned workers)"
+    return decode_resized(f, size, n_in, max_pixels)
+
+def unreadable_beside(dest: Path) -> Path:
+    "The list of the files a cache build skipped, beside the cache file (`SkipUnreadable`'s lines)"
+    return dest.with_name(dest.name + ".unreadable.txt")
+
+def _keep_unreadable(dest: Path, files: list[Path], skip_log: Path | None):
+    "Copy the skipped files among `files` from the run's `skip_log` to beside `dest`, for the runs that will read the cache"
+    names = set(map(str, files))
+    bad = {f: why for f, why in unreadable_files(skip_log).items() if f in names} if skip_log is not None else {}
+    if bad: unreadable_beside(dest).write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
 
 # %% ../nbs/05c_cache.ipynb #k024
 def _local_rank() -> int:

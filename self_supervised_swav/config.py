@@ -81,7 +81,6 @@ class PretrainConfig:
     arch_kwargs: str | None = None   # More options of the architecture, as JSON (timm's, e.g. '{"drop_path_rate": 0.1}')
     resume: str | None = None        # Continue the interrupted run in this folder (its settings; options that change the run are refused)
     overwrite: bool = False          # Replace the run that --output holds
-
     def __post_init__(self):
         for f in _LISTS:
             v = getattr(self, f)
