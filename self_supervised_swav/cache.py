@@ -28,7 +28,7 @@ with warnings.catch_warnings():   # fastai 2.8 calls the deprecated torch.jit.sc
     from fastprogress.fastprogress import progress_bar
 
 from .checks import SettingError
-from .data import SkipUnreadable, default_workers, folder_dls, loader_kwargs, open_image, unreadable_files
+from .data import SkipUnreadable, default_workers, folder_dls, loader_kwargs, note_unreadable, open_image, unreadable_files
 
 # %% auto #0
 __all__ = ['DECODER', 'default_cache_dir', 'cache_folder', 'decode_resized', 'cache_fingerprint', 'cache_file',
@@ -175,9 +175,11 @@ def unreadable_beside(dest: Path) -> Path:
 
 def _keep_unreadable(dest: Path, files: list[Path], skip_log: Path | None):
     "Copy the skipped files among `files` from the run's `skip_log` to beside `dest`, for the runs that will read the cache"
+    unreadable_beside(dest).unlink(missing_ok=True)   # a list of an earlier build is not this one's
+    if skip_log is None: return
     names = set(map(str, files))
-    bad = {f: why for f, why in unreadable_files(skip_log).items() if f in names} if skip_log is not None else {}
-    if bad: unreadable_beside(dest).write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
+    for f, why in unreadable_files(skip_log).items():
+        if f in names: note_unreadable(unreadable_beside(dest), f, why)
 
 # %% ../nbs/05c_cache.ipynb #k024
 def _local_rank() -> int:
@@ -205,8 +207,8 @@ def image_cache(
         if progress: print(f"cache: decoding {len(files)} images once at {size} px into {dest}", flush=True)
         return build_image_cache(files, size, n_in, dest, num_workers, progress, max_pixels, skip_log)
     while not dest.exists(): time.sleep(poll)   # torchrun stops this process if local rank 0 fails
-    if skip_log is not None and unreadable_beside(dest).exists():   # the build's skipped files count in this run too
-        with open(skip_log, "a") as o: o.write(unreadable_beside(dest).read_text())
+    if skip_log is not None:   # the build's skipped files count in this run too
+        for f, why in unreadable_files(unreadable_beside(dest)).items(): note_unreadable(skip_log, f, why)
     return dest
 
 # %% ../nbs/05c_cache.ipynb #k026

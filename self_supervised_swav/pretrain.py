@@ -298,8 +298,9 @@ def _fit(learn: Learner, config: PretrainConfig, start_epoch: int, out: Path, sa
         save()
         raise RunStopped(_stopped(out, f"stopped by {e}", learn), 128 + e.signum) from None
     except Exception as e:
-        if image_error(e) and not (out / RUN_FILES["checkpoint"]).exists(): raise image_setting_error(e) from None
-        if isinstance(e, SettingError) and not (out / RUN_FILES["checkpoint"]).exists(): raise SettingError(e.param, _own_line(e, None)) from None
+        if not (out / RUN_FILES["checkpoint"]).exists():   # stopped in the first epoch, nothing saved: the input's one-line error
+            if image_error(e): raise image_setting_error(e) from None
+            if isinstance(e, SettingError): raise SettingError(e.param, _own_line(e, None)) from None
         save()
         why = image_error(e) or f"{type(e).__name__}: {_own_line(e)}"
         raise RunStopped("error: " + _stopped(out, f"training stopped ({why})", learn), 1) from None
